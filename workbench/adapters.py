@@ -1,0 +1,159 @@
+"""One table of architectures: where the parts of a model live and how it routes.
+
+Capture, planning and reporting code reads this table instead of special-casing models.
+An architecture that is not in the table is treated as a dense llama-like model, with a note.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """How to find things inside one family of Hugging Face causal LMs."""
+
+    family: str  # a readable name: "gpt-oss", "mixtral", ...
+    model_types: tuple[str, ...]  # config.model_type values this row covers
+    layers: str = "model.layers"  # attribute path from the CausalLM to the decoder layer list
+    attention: str = "self_attn"  # attribute of a layer
+    mlp: str = "mlp"  # attribute of a layer
+    router: str | None = None  # attribute of the MLP holding the router weight (None: dense)
+    experts: str | None = None  # attribute of the MLP holding the experts
+    num_experts_key: str | None = None  # config key for the number of routed experts
+    top_k_key: str | None = None  # config key for experts per token
+    # "topk_softmax": top-k of the logits, softmax over those k (gpt-oss);
+    # "softmax_topk": softmax over all experts, then top-k (Mixtral, Qwen, OLMoE).
+    routing: str | None = None
+    renormalize: bool | str = False  # True, False, or a config key (e.g. "norm_topk_prob")
+    router_has_bias: bool = False
+    has_sinks: bool = False  # learned attention-sink logit per head (gpt-oss)
+    harmony: bool = False  # speaks the harmony chat format
+    shared_expert: str | None = None  # attribute of the MLP holding an always-on expert (Qwen2-MoE)
+    # Regular expressions over parameter names, checked in order; the first match names the group.
+    groups: tuple[tuple[str, str], ...] = (
+        ("experts", r"\.experts\."),
+        ("router", r"\.(router|gate)\.weight$|\.(router)\.bias$"),
+        ("attention", r"\.self_attn\."),
+        ("embeddings", r"embed_tokens|lm_head|wte|wpe"),
+    )
+    note: str = ""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.router is not None
+
+    # ---- reading a config -------------------------------------------------------------
+    def num_experts(self, config: Any) -> int:
+        return int(getattr(config, self.num_experts_key)) if self.num_experts_key else 0
+
+    def top_k(self, config: Any) -> int:
+        return int(getattr(config, self.top_k_key)) if self.top_k_key else 0
+
+    def renormalizes(self, config: Any) -> bool:
+        if isinstance(self.renormalize, str):
+            return bool(getattr(config, self.renormalize, False))
+        return bool(self.renormalize)
+
+    def group_of(self, parameter_name: str) -> str:
+        """Which parameter group ("experts", "router", "attention", "embeddings", "other") a name is in."""
+        for group, pattern in self.groups:
+            if re.search(pattern, parameter_name):
+                return group
+        return "other"
+
+    # ---- reading a model --------------------------------------------------------------
+    def layer_list(self, model: nn.Module) -> nn.ModuleList:
+        return _get_attr(model, self.layers)
+
+    def attention_module(self, model: nn.Module, layer: int) -> nn.Module:
+        return getattr(self.layer_list(model)[layer], self.attention)
+
+    def mlp_module(self, model: nn.Module, layer: int) -> nn.Module:
+        return getattr(self.layer_list(model)[layer], self.mlp)
+
+    def moe_layers(self, model: nn.Module) -> list[int]:
+        """Indices of layers whose MLP is routed (Qwen-MoE can mix dense and sparse layers)."""
+        if not self.is_moe:
+            return []
+        return [i for i, layer in enumerate(self.layer_list(model)) if hasattr(getattr(layer, self.mlp), self.router)]
+
+    def router_parameters(self, model: nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight [experts, hidden], bias or None) of a layer's router, whatever module holds them."""
+        router = getattr(self.mlp_module(model, layer), self.router)
+        return router.weight, getattr(router, "bias", None)
+
+    def route(self, router_logits: torch.Tensor, config: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert indices and applied weights from router logits, with the model's own arithmetic.
+
+        Mirrors the transformers router modules line for line so that captured routing equals what
+        the model computed, on every preset (the mxfp4 path computes logits but never calls the router).
+        """
+        k = self.top_k(config)
+        if self.routing == "topk_softmax":
+            top_values, indices = torch.topk(router_logits, k, dim=-1)
+            weights = torch.softmax(top_values, dim=-1, dtype=top_values.dtype)
+        elif self.routing == "softmax_topk":
+            probs = torch.softmax(router_logits, dim=-1, dtype=torch.float)
+            weights, indices = torch.topk(probs, k, dim=-1)
+            if self.renormalizes(config):
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+        else:
+            raise ValueError(f"{self.family} is not a routed (MoE) architecture")
+        return indices, weights
+
+
+def _get_attr(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+LLAMA_LIKE = Adapter(
+    family="dense",
+    model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2",
+                 "granite", "smollm3", "stablelm"),
+)
+
+ADAPTERS: tuple[Adapter, ...] = (
+    Adapter(
+        family="gpt-oss", model_types=("gpt_oss",), router="router", experts="experts",
+        num_experts_key="num_local_experts", top_k_key="num_experts_per_tok", routing="topk_softmax",
+        router_has_bias=True, has_sinks=True, harmony=True,
+        note="sliding-window attention (128) on even layers, learned attention sinks on every head",
+    ),
+    Adapter(
+        family="mixtral", model_types=("mixtral",), router="gate", experts="experts",
+        num_experts_key="num_local_experts", top_k_key="num_experts_per_tok", routing="softmax_topk",
+        renormalize=True,
+    ),
+    Adapter(
+        family="qwen-moe", model_types=("qwen2_moe", "qwen3_moe"), router="gate", experts="experts",
+        num_experts_key="num_experts", top_k_key="num_experts_per_tok", routing="softmax_topk",
+        renormalize="norm_topk_prob", shared_expert="shared_expert",
+        groups=(("experts", r"\.experts\.|\.shared_expert\."),) + LLAMA_LIKE.groups[1:],
+        note="Qwen2-MoE adds an always-on shared expert, counted with the experts",
+    ),
+    Adapter(
+        family="olmoe", model_types=("olmoe",), router="gate", experts="experts",
+        num_experts_key="num_experts", top_k_key="num_experts_per_tok", routing="softmax_topk",
+        renormalize="norm_topk_prob",
+    ),
+    LLAMA_LIKE,
+)
+
+
+def adapter_for(config: Any) -> tuple[Adapter, str]:
+    """The adapter for a config, and a note ("" when the architecture is known)."""
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter, ""
+    return LLAMA_LIKE, (
+        f"architecture {model_type!r} is not in the adapter table; treating it as a dense model "
+        "(generation and attention capture work if it uses model.layers[i].self_attn; no routing capture)"
+    )

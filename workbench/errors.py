@@ -1,0 +1,33 @@
+"""Errors a user can act on. Every message says what went wrong and what to do instead."""
+
+
+class WorkbenchError(Exception):
+    """Base class: catch this to handle any workbench error."""
+
+
+class PresetError(WorkbenchError, ValueError):
+    """An unknown preset, or one that cannot work for this model or on this machine."""
+
+
+class ModelNotFoundError(WorkbenchError, FileNotFoundError):
+    """The model is neither a local path nor in the Hugging Face cache, and the hub is unreachable."""
+
+
+class NotACausalLMError(WorkbenchError, ValueError):
+    """The model is not a causal (decoder-only) language model."""
+
+
+class DoesNotFitError(WorkbenchError, MemoryError):
+    """The memory plan says the model will not fit on the devices here."""
+
+
+class ContextLengthError(WorkbenchError, ValueError):
+    """The prompt (plus the tokens to generate) is longer than the model's context."""
+
+
+class SamplingError(WorkbenchError, ValueError):
+    """Invalid sampling parameters."""
+
+
+class BusyError(WorkbenchError, RuntimeError):
+    """A generation is already running on this session."""
