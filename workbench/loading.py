@@ -1,0 +1,132 @@
+"""`load(model, preset)`: turn a preset row into `from_pretrained` arguments, load, and report honestly."""
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from . import hardware, planning, sources
+from .adapters import adapter_for
+from .errors import PresetError
+from .presets import PRESETS, Preset, get_preset
+from .report import LoadReport, WarningCollector, actual_quantization, measure
+from .session import Session
+
+
+def load(
+    model: Any,
+    preset: str = "auto",
+    *,
+    check_fit: bool = True,
+    attn_implementation: str | None = None,
+    offload_folder: str | None = None,
+    trust_remote_code: bool = False,
+    context_tokens: int = 4096,
+) -> Session:
+    """Load a causal LM (hub id, local folder or .gguf file) with a named preset; returns a Session.
+
+    Checks the preset and the memory plan before any weight is read, so an impossible request fails
+    fast with a message that says what would work.
+    """
+    source = sources.resolve(model, trust_remote_code=trust_remote_code)
+    adapter, adapter_note = adapter_for(source.config)
+    auto_reason = ""
+    if preset == "auto":
+        preset, auto_reason = planning.choose_auto(source, context_tokens=context_tokens)
+    row = get_preset(preset)
+    memory_plan = planning.plan(source, preset, context_tokens=context_tokens)
+    if check_fit:
+        memory_plan.require_fit()
+
+    kwargs = _from_pretrained_kwargs(row, source, offload_folder)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    elif adapter.has_sinks:
+        kwargs["attn_implementation"] = "eager"  # SDPA does not support gpt-oss sinks; flash needs hub kernels
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    with WarningCollector() as warnings:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file,
+                                                  trust_remote_code=trust_remote_code)
+        loaded = AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
+    loaded.eval()
+    seconds = time.perf_counter() - start
+
+    by_group, by_device = measure(loaded, adapter)
+    requested_quant = row.quantization
+    actual = actual_quantization(loaded)
+    notes = [n for n in (adapter_note, *memory_plan.notes) if n]
+    report = LoadReport(
+        model=source.name,
+        requested_preset="auto" if auto_reason else preset,
+        preset=preset,
+        auto_reason=auto_reason,
+        requested_quantization=requested_quant,
+        actual_quantization=actual,
+        fallback=_fallback(requested_quant, actual, warnings.messages),
+        dtypes_by_group=by_group,
+        bytes_by_device=by_device,
+        planned_bytes=memory_plan.total_bytes,
+        attn_implementation=loaded.config._attn_implementation,
+        device_map={k: str(v) for k, v in (getattr(loaded, "hf_device_map", None) or {}).items()},
+        load_seconds=seconds,
+        notes=notes,
+        transformers_warnings=warnings.messages,
+    )
+    return Session(model=loaded, tokenizer=tokenizer, adapter=adapter, report=report, plan=memory_plan,
+                   source=source)
+
+
+def _from_pretrained_kwargs(row: Preset, source: "sources.Source", offload_folder: str | None) -> dict:
+    from transformers import BitsAndBytesConfig, Mxfp4Config
+
+    gpu = torch.cuda.is_available()
+    kwargs: dict[str, Any] = {"dtype": row.dtype}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    mxfp4_checkpoint = sources.is_mxfp4_checkpoint(source.config)
+
+    if row.quantization == "mxfp4":
+        if not mxfp4_checkpoint:
+            # Quantizing bf16 weights to mxfp4 on load needs the native kernels.
+            reason = hardware.mxfp4_unavailable_reason()
+            if reason:
+                raise PresetError(f"preset 'mxfp4' on a bf16 checkpoint would quantize on load, which needs native "
+                                  f"mxfp4 kernels: {reason}. Use preset 'bf16' (or 'nf4'/'int8') instead.")
+            kwargs["quantization_config"] = Mxfp4Config()
+    elif mxfp4_checkpoint:
+        # Every other preset runs bf16 experts: ask transformers to dequantize instead of letting it guess.
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    if row.quantization == "bnb-int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    elif row.quantization == "bnb-nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=row.dtype)
+
+    if row.device == "cpu":
+        kwargs["device_map"] = "cpu"
+    elif row.device == "offload":
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = planning.offload_max_memory()
+        kwargs["offload_folder"] = offload_folder or tempfile.mkdtemp(prefix="workbench-offload-")
+    else:
+        kwargs["device_map"] = "cuda:0" if gpu else "cpu"
+    return kwargs
+
+
+def _fallback(requested: str | None, actual: str | None, warnings: list[str]) -> str | None:
+    """Say plainly when the loaded model is not what the preset asked for, and why."""
+    if requested is None or (actual and requested in actual):
+        return None
+    if requested == "mxfp4":
+        reason = hardware.mxfp4_unavailable_reason() or next(
+            (w for w in warnings if "dequantiz" in w.lower()), "transformers dequantized the experts")
+        return f"mxfp4 -> bf16: experts were dequantized to bf16 (about 3x the memory). Cause: {reason}"
+    return f"{requested} was requested but the loaded modules carry {actual or 'no quantization'}"
+
+
+__all__ = ["load", "PRESETS"]

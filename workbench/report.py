@@ -1,0 +1,138 @@
+"""What really loaded: requested vs actual quantization, dtypes per parameter group, memory, placement."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import html
+import logging
+
+import torch
+from torch import nn
+
+from .adapters import Adapter
+
+
+@dataclasses.dataclass
+class LoadReport:
+    model: str
+    requested_preset: str  # what the user asked for ("auto" included)
+    preset: str  # the preset actually used
+    auto_reason: str  # why "auto" chose it ("" otherwise)
+    requested_quantization: str | None
+    actual_quantization: str | None  # what the loaded modules really are
+    fallback: str | None  # e.g. mxfp4 -> bf16, with the cause
+    dtypes_by_group: dict[str, dict[str, int]]  # group -> {dtype name: bytes}
+    bytes_by_device: dict[str, int]  # measured from the loaded tensors
+    planned_bytes: int
+    attn_implementation: str
+    device_map: dict[str, str]
+    load_seconds: float
+    notes: list[str]
+    transformers_warnings: list[str]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_device.values())
+
+    def rows(self) -> list[tuple[str, str]]:
+        dtypes = "; ".join(
+            f"{group}: " + ", ".join(f"{name} {_gb(b)}" for name, b in sorted(d.items()))
+            for group, d in self.dtypes_by_group.items()
+        )
+        placement = ", ".join(f"{dev} {_gb(b)}" for dev, b in self.bytes_by_device.items())
+        devices = sorted(set(self.device_map.values())) if self.device_map else []
+        rows = [
+            ("model", self.model),
+            ("preset", self.preset + (f" (auto: {self.auto_reason})" if self.requested_preset == "auto" else "")),
+            ("quantization asked", self.requested_quantization or "none"),
+            ("quantization loaded", self.actual_quantization or "none"),
+            ("fallback", self.fallback or "none"),
+            ("weights by group", dtypes),
+            ("measured weights", f"{_gb(self.total_bytes)} ({placement}); plan said {_gb(self.planned_bytes)}"),
+            ("attention", self.attn_implementation),
+            ("devices", ", ".join(devices) or "n/a"),
+            ("load time", f"{self.load_seconds:.1f} s"),
+        ]
+        rows += [("note", n) for n in self.notes]
+        return rows
+
+    def __str__(self) -> str:
+        width = max(len(k) for k, _ in self.rows())
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in self.rows())
+
+    def _repr_html_(self) -> str:
+        body = "".join(
+            f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>{html.escape(v)}</td></tr>"
+            for k, v in self.rows()
+        )
+        warn = "".join(f"<li>{html.escape(w)}</li>" for w in self.transformers_warnings)
+        extra = f"<details><summary>transformers warnings ({len(self.transformers_warnings)})</summary><ul>{warn}</ul></details>" if warn else ""
+        return f"<table>{body}</table>{extra}"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    cls = type(t).__name__
+    if cls == "Params4bit":
+        return f"nf4/fp4 (bnb, packed {str(t.dtype).removeprefix('torch.')})"
+    if cls == "Int8Params" or t.dtype == torch.int8:
+        return "int8"
+    if t.dtype == torch.uint8:
+        return "uint8 (packed 4-bit)"
+    return str(t.dtype).removeprefix("torch.")
+
+
+def measure(model: nn.Module, adapter: Adapter) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Bytes of every parameter and buffer, by group and dtype, and by device (meta = offloaded to disk)."""
+    by_group: dict[str, dict[str, int]] = collections.defaultdict(lambda: collections.defaultdict(int))
+    by_device: dict[str, int] = collections.defaultdict(int)
+    seen: set[int] = set()
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
+    for name, t in tensors:
+        key = id(t)
+        if key in seen:  # tied weights count once
+            continue
+        seen.add(key)
+        nbytes = t.numel() * t.element_size()
+        by_group[adapter.group_of(name)][_dtype_name(t)] += nbytes
+        device = "disk (offloaded)" if t.device.type == "meta" else str(t.device)
+        by_device[device] += nbytes
+    return {g: dict(d) for g, d in by_group.items()}, dict(by_device)
+
+
+def actual_quantization(model: nn.Module) -> str | None:
+    """The quantization the loaded modules really carry, read from module and parameter types."""
+    kinds = set()
+    for module in model.modules():
+        cls = type(module).__name__
+        if cls == "Linear8bitLt":
+            kinds.add("bnb-int8")
+        elif cls == "Linear4bit":
+            kinds.add("bnb-nf4")
+        elif cls.startswith("Mxfp4") and any(p.dtype == torch.uint8 or "Triton" in type(p).__name__
+                                              for p in module.parameters(recurse=False)):
+            kinds.add("mxfp4")
+    return "+".join(sorted(kinds)) or None
+
+
+class WarningCollector(logging.Handler):
+    """Collects transformers' warnings during loading: its mxfp4 fallback is only a log line."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message not in self.messages:
+            self.messages.append(message)
+
+    def __enter__(self):
+        logging.getLogger("transformers").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("transformers").removeHandler(self)

@@ -1,0 +1,65 @@
+"""A loaded model and everything needed to talk to it and look inside it."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any
+
+from . import chat as chat_format
+from . import generation
+from .adapters import Adapter
+from .errors import BusyError
+from .report import LoadReport
+
+
+@dataclasses.dataclass
+class Session:
+    model: Any
+    tokenizer: Any
+    adapter: Adapter
+    report: LoadReport
+    plan: Any = None
+    source: Any = None
+    _busy: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def harmony(self) -> bool:
+        return chat_format.is_harmony(self.tokenizer)
+
+    def render(self, prompt, *, reasoning_effort: str | None = None, system: str | None = None,
+               developer: str | None = None) -> list[int]:
+        """Token ids the model sees for a prompt (a string, chat messages, or token ids as-is)."""
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        return chat_format.render(self.tokenizer, chat_format.as_messages(prompt), reasoning_effort=reasoning_effort,
+                                  system=system, developer=developer)
+
+    def stream(self, prompt, *, reasoning_effort: str | None = None, system: str | None = None,
+               developer: str | None = None, **sampling) -> "generation.GenerationRun":
+        """Start generating in a background thread; iterate for `Delta`s (text + channel), `.stop()` to end.
+
+        Sampling keywords: temperature (0 = greedy), top_p, top_k, max_new_tokens, seed, top_alternatives.
+        """
+        params = generation.SamplingParams(**sampling)
+        params.validate()
+        prompt_ids = self.render(prompt, reasoning_effort=reasoning_effort, system=system, developer=developer)
+        if not self._busy.acquire(blocking=False):
+            raise BusyError("a generation is already running on this session: stop it (run.stop()) or wait for it")
+        try:
+            run = generation.start(self.model, self.tokenizer, prompt_ids, params,
+                                   chat_format.make_parser(self.tokenizer))
+        except BaseException:
+            self._busy.release()
+            raise
+        run.on_finish(self._busy.release)
+        return run
+
+    def chat(self, prompt, **kwargs) -> "generation.Generation":
+        """Generate a whole answer; returns a Generation (text, channels, token ids, logprobs, alternatives)."""
+        return self.stream(prompt, **kwargs).result()
+
+    def __repr__(self) -> str:
+        return f"Session({self.report.model!r}, preset={self.report.preset!r}, adapter={self.adapter.family!r})"
+
+    def _repr_html_(self) -> str:
+        return self.report._repr_html_()
