@@ -129,4 +129,25 @@ def _fallback(requested: str | None, actual: str | None, warnings: list[str]) ->
     return f"{requested} was requested but the loaded modules carry {actual or 'no quantization'}"
 
 
-__all__ = ["load", "PRESETS"]
+GPT_OSS_20B = "openai/gpt-oss-20b"
+
+
+def default_model(purpose: str = "chat") -> str:
+    """The model a notebook should use here: gpt-oss-20b on a GPU that fits it, else an offline small model.
+
+    purpose "chat" / "attention": the real SmolLM2-135M-Instruct; "routing": the tiny gpt-oss checkpoint
+    (random weights: it shows the mechanics of routing, not what a trained router does).
+    """
+    if hardware.gpus():
+        try:
+            sources.resolve(GPT_OSS_20B)  # cached, or the hub is reachable
+            preset, _ = planning.choose_auto(GPT_OSS_20B)
+            if preset in ("mxfp4", "bf16"):
+                return GPT_OSS_20B
+        except Exception:  # no weights reachable or no fit: fall back to the offline models
+            pass
+    from . import testing
+
+    if purpose == "routing":
+        return str(testing.tiny_checkpoint("gpt_oss"))
+    return str(testing.smollm2_path())
