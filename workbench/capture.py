@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import sys
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,7 @@ class Record:
     indices: dict = dataclasses.field(default_factory=dict)  # layer -> [T, k] int64
     weights: dict = dataclasses.field(default_factory=dict)  # layer -> [T, k], the dtype the model applied
     residuals: dict = dataclasses.field(default_factory=dict)  # layer -> [T, hidden]
+    residual_dtype: str | None = None  # the dtype the model computed residuals in
 
 
 def storage_dtype(model_dtype: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
@@ -185,6 +186,17 @@ class Capture:
         if errors:
             raise errors[0]
 
+    def trace(self, tokenizer=None, call: int | None = None, channels=None, preset: str | None = None):
+        """The Trace of the forward recorded here (`call` picks one when there were several)."""
+        from .tracing import Trace
+
+        if not self.records:
+            raise CaptureError("nothing was recorded: run a forward of the model inside `with capture(...)`.")
+        if call is None and len(self.records) > 1:
+            raise CaptureError(f"{len(self.records)} forwards were recorded (e.g. one per generated token): "
+                               f"pick one with cap.trace(call=i), 0..{len(self.records) - 1}.")
+        return Trace.from_record(self, self.records[-1 if call is None else call], tokenizer, channels, preset)
+
     # ---- the hooks ----------------------------------------------------------------------------
     def _on_forward(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -221,6 +233,7 @@ class Capture:
             if self._current is not None:
                 out = output[0] if isinstance(output, (tuple, list)) else output
                 self._current.residuals[layer] = _store(out[0], self.dtype)
+                self._current.residual_dtype = str(out.dtype).removeprefix("torch.")
         return hook
 
     def _record_attention(self, layer, module, query, key, kwargs) -> None:

@@ -58,7 +58,7 @@ def resolve(model: Any, *, trust_remote_code: bool = False) -> Source:
     if isinstance(model, Source):
         return model
     if isinstance(model, PretrainedConfig):
-        name = getattr(model, "name_or_path", "") or f"{model.model_type} (config object)"
+        name = getattr(model, "name_or_path", "") or f"{model.model_type} config"
         source = Source("config", name, None, None, model, "config object passed in")
     elif isinstance(model, (str, os.PathLike)):
         source = _resolve_string(os.fspath(model), trust_remote_code)
@@ -149,7 +149,8 @@ def _not_cached_message(model_id: str, cache_dir: str, why_offline: str) -> str:
     return (
         f"{model_id!r} is not in the local Hugging Face cache ({cache_dir}) and the hub is not available here: "
         f"{why_offline}.{known}\n"
-        f"To get it: on a machine with internet run `huggingface-cli download {model_id}` (or `hf download {model_id}`), "
+        f"To get it: on a machine with internet run `huggingface-cli download {model_id}` "
+        f"(or `hf download {model_id}`), "
         f"then copy its cache folder here (or point HF_HOME at it); or pass a local folder holding config.json and "
         "the weights, or the path of a .gguf file."
     )

@@ -210,6 +210,7 @@ def _cached(name: str, write: Callable[[pathlib.Path], object], cache_dir: str |
 @contextlib.contextmanager
 def _temporary_folder(root: pathlib.Path, name: str) -> Iterator[pathlib.Path]:
     scratch = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    scratch.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
     try:
         yield scratch
     finally:
@@ -254,7 +255,6 @@ def _convert_smollm2(target: pathlib.Path) -> None:
     # rebuild a plain model from the config (without its quantization_config) and the state dict.
     config = gguf_model.config
     del config.quantization_config
-    config.name_or_path = "SmolLM2-135M-Instruct"
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict(), assign=True)

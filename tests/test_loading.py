@@ -1,0 +1,167 @@
+"""Loading every fixture through every preset that runs on this CPU, with an honest report."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BertConfig, BertModel
+
+import workbench as wb
+from workbench import hardware
+
+FAMILIES = ["gpt_oss", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+CPU_PRESETS = ["cpu", "bf16", "int8", "nf4", "offload"]
+
+
+def _ids(session, n=12):
+    return torch.arange(3, 3 + n).unsqueeze(0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("preset", CPU_PRESETS)
+def test_every_fixture_loads_through_every_cpu_preset(tiny_checkpoint, family, preset):
+    path = tiny_checkpoint(family)
+    s = wb.load(str(path), preset=preset)
+    report = s.report
+    assert report.preset == preset and report.requested_preset == preset
+    with torch.no_grad():
+        logits = s.model(_ids(s)).logits
+    assert torch.isfinite(logits.float()).all()
+    experts = report.dtypes_by_group["experts"]
+    if preset in ("int8", "nf4"):
+        wanted = "bnb-int8" if preset == "int8" else "bnb-nf4"
+        assert report.actual_quantization == wanted and report.fallback is None
+        # bitsandbytes only replaces nn.Linear: the fused 3-D expert tensors stay bf16, and we say so.
+        assert set(experts) == {"bfloat16"}
+        assert any("expert" in n.lower() and "bf16" in n for n in report.notes), report.notes
+    else:
+        assert report.actual_quantization is None and report.fallback is None
+        assert set(experts) == {"float32" if preset == "cpu" else "bfloat16"}
+    if preset == "offload":
+        assert report.device_map, "offload must place modules with an accelerate device map"
+    assert report.total_bytes > 0 and str(report) and report._repr_html_().startswith("<table>")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cpu_preset_gives_exactly_the_checkpoint(tiny_checkpoint, family):
+    """Our loading path changes nothing: logits bit-identical to a direct from_pretrained."""
+    path = tiny_checkpoint(family)
+    s = wb.load(str(path), preset="cpu")
+    direct = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=s.report.attn_implementation).eval()
+    with torch.no_grad():
+        assert torch.equal(s.model(_ids(s)).logits, direct(_ids(s)).logits)
+
+
+def test_mxfp4_checkpoint_on_cpu_reports_the_bf16_fallback(tiny_checkpoint):
+    s = wb.load(str(tiny_checkpoint("gpt_oss", mxfp4=True)), preset="mxfp4")
+    r = s.report
+    assert r.requested_quantization == "mxfp4" and r.actual_quantization is None
+    assert r.fallback.startswith("mxfp4 -> bf16") and "CUDA" in r.fallback
+    assert set(r.dtypes_by_group["experts"]) == {"bfloat16"}
+    assert r.attn_implementation == "eager"  # gpt-oss sinks: SDPA unsupported
+    assert "mxfp4 -> bf16" in str(r)
+
+
+def test_mxfp4_checkpoint_under_bf16_preset_equals_transformers_dequantizer(tiny_checkpoint):
+    path = tiny_checkpoint("gpt_oss", mxfp4=True)
+    s = wb.load(str(path), preset="bf16")
+    assert s.report.fallback is None
+    direct = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    for (name, a), (_, b) in zip(s.model.named_parameters(), direct.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_auto_on_this_cpu_picks_cpu_preset_and_says_why(tiny_checkpoint):
+    s = wb.load(str(tiny_checkpoint("mixtral")), preset="auto")
+    assert s.report.requested_preset == "auto" and s.report.preset == "cpu"
+    assert s.report.auto_reason
+    assert "auto" in str(s.report)
+
+
+# ---- bad input: a clear error that says what to do, before any download --------------------------
+def test_unknown_preset_lists_valid_ones(tiny_checkpoint):
+    with pytest.raises(wb.PresetError) as e:
+        wb.load(str(tiny_checkpoint("olmoe")), preset="fp8")
+    for name in wb.PRESET_NAMES:
+        assert name in str(e.value)
+
+
+def test_mxfp4_preset_on_a_non_gpt_oss_model_is_refused_with_alternatives(tiny_checkpoint):
+    with pytest.raises(wb.PresetError) as e:
+        wb.load(str(tiny_checkpoint("mixtral")), preset="mxfp4")
+    assert "bf16" in str(e.value)
+
+
+def test_bnb_preset_on_the_mxfp4_checkpoint_is_refused(tiny_checkpoint):
+    with pytest.raises(wb.PresetError) as e:
+        wb.load(str(tiny_checkpoint("gpt_oss", mxfp4=True)), preset="int8")
+    message = str(e.value)
+    assert "mxfp4" in message and "bf16" in message
+
+
+def test_missing_model_offline_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(wb.ModelNotFoundError) as e:
+        wb.load("someone/not-a-cached-model", preset="cpu")
+    assert "download" in str(e.value).lower()
+
+
+def test_not_a_causal_lm(tmp_path):
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=100)).save_pretrained(tmp_path)
+    with pytest.raises(wb.NotACausalLMError):
+        wb.load(str(tmp_path), preset="cpu")
+
+
+def test_plan_that_does_not_fit_is_refused_before_loading(tiny_checkpoint, monkeypatch):
+    tiny = [hardware.Device("cpu", "tiny RAM", 10_000, 10_000), hardware.Device("disk", "disk", 10**12, 10**12)]
+    monkeypatch.setattr(hardware, "devices", lambda *a, **k: tiny)
+    with pytest.raises(wb.DoesNotFitError) as e:
+        wb.load(str(tiny_checkpoint("qwen3_moe")), preset="cpu")
+    assert "offload" in str(e.value)
+
+
+# ---- the real small model ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_answers_paris_greedily(smollm2_session):
+    g = smollm2_session.chat("What is the capital of France?", temperature=0, max_new_tokens=24)
+    assert "Paris" in g.text
+    assert g.channels["final"] == g.text
+    assert len(g.logprobs) == len(g.token_ids)
+
+
+@pytest.mark.slow
+def test_gguf_file_loads_directly():
+    from workbench import testing
+
+    folder, name = testing.smollm2_gguf()
+    s = wb.load(f"{folder}/{name}", preset="cpu")
+    g = s.chat("What is the capital of France?", temperature=0, max_new_tokens=12)
+    assert "Paris" in g.text
+
+
+@pytest.mark.slow
+def test_prompt_over_the_context_is_refused(smollm2_session):
+    too_long = " ".join(["word"] * (smollm2_session.model.config.max_position_embeddings + 10))
+    with pytest.raises(wb.ContextLengthError):
+        smollm2_session.chat(too_long, max_new_tokens=4)
+
+
+@pytest.mark.slow
+def test_invalid_sampling_parameters_are_refused(smollm2_session):
+    with pytest.raises(wb.SamplingError):
+        smollm2_session.chat("hi", temperature=-1)
+    with pytest.raises(wb.SamplingError):
+        smollm2_session.chat("hi", top_p=1.5)
+    with pytest.raises(wb.SamplingError):
+        smollm2_session.chat("hi", max_new_tokens=0)
+
+
+@pytest.mark.slow
+def test_second_stream_while_one_runs_is_refused(smollm2_session):
+    run = smollm2_session.stream("Tell me a story", max_new_tokens=64)
+    try:
+        with pytest.raises(wb.BusyError):
+            smollm2_session.stream("hi")
+    finally:
+        run.stop()
+        run.result()
+    smollm2_session.chat("hi", max_new_tokens=2)  # usable again

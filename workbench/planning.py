@@ -1,0 +1,553 @@
+"""Memory plans from the config alone: what each preset really stores, and whether it fits here.
+
+The model is built on the meta device (no memory, no download) and every parameter is counted in its
+adapter group. Each preset then says which of those parameters its quantizer really touches *for
+this architecture* — inspected on the skeleton, the way transformers would decide — and how many
+bytes everything takes. KV cache, activations and a stated margin are added, and the sum is compared
+with the free memory of the devices here.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import html
+from typing import Any
+
+from torch import nn
+
+from . import hardware, sources
+from .adapters import adapter_for
+from .errors import DoesNotFitError, ModelNotFoundError, PresetError
+from .presets import BYTES_PER_QUANTIZED_VALUE, PRESETS, Preset, get_preset
+
+GROUPS = ("experts", "router", "attention", "embeddings", "other")
+
+# The margin added to weights + KV cache + activations: allocator slack, CUDA context, Python.
+OVERHEAD_FRACTION = 0.05  # of the weight bytes
+OVERHEAD_FIXED_BYTES = 512 * 2**20
+# Without a GPU, "auto" takes float32 only when everything needs at most this share of free RAM.
+COMFORT_FRACTION = 0.8
+KV_REFERENCE_TOKENS = 1000  # kv_bytes_per_1k_tokens is for 1,000 tokens
+BNB_PRESETS = ("int8", "nf4")
+
+
+# ---- the skeleton: parameters, their groups, and what each quantizer could touch ------------------
+@dataclasses.dataclass(frozen=True)
+class _Param:
+    name: str
+    numel: int
+    group: str
+    kind: str  # "expert3d": a fused 3-D expert tensor; "linear": an nn.Linear weight bnb converts; "plain"
+    rows: int = 0  # output rows of a converted Linear weight (LLM.int8 keeps one fp32 scale per row)
+
+
+_SKELETONS: dict[str, tuple[_Param, ...]] = {}
+
+
+def _skeleton(config: Any, trust_remote_code: bool = False) -> tuple[_Param, ...]:
+    """Every parameter of the model, from a meta-device build (cached per config)."""
+    key = config.to_json_string()
+    if key not in _SKELETONS:
+        _SKELETONS[key] = _count(_build_meta_model(config, trust_remote_code), config)
+    return _SKELETONS[key]
+
+
+def _build_meta_model(config: Any, trust_remote_code: bool) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:  # skipping the (meta) random init saves most of the build time
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        no_init_weights = contextlib.nullcontext
+    with init_empty_weights(include_buffers=True), no_init_weights():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _count(model: nn.Module, config: Any) -> tuple[_Param, ...]:
+    adapter, _ = adapter_for(config)
+    skip = _bnb_skipped_modules(model)
+    modules = dict(model.named_modules())
+    params = []
+    for name, p in model.named_parameters():  # tied weights appear once
+        owner_name, _, leaf = name.rpartition(".")
+        group = adapter.group_of(name)
+        kind, rows = "plain", 0
+        if p.dim() == 3 and group == "experts":
+            kind = "expert3d"
+        elif leaf == "weight" and _bnb_converts(modules[owner_name], owner_name, skip):
+            kind, rows = "linear", _out_rows(modules[owner_name])
+        params.append(_Param(name, p.numel(), group, kind, rows))
+    return tuple(params)
+
+
+def _bnb_skipped_modules(model: nn.Module) -> list[str]:
+    """The modules transformers' bitsandbytes quantizer leaves alone by default (lm_head, tied weights, ...)."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    return get_keys_to_not_convert(model) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+
+
+def _bnb_converts(module: nn.Module, module_name: str, skip: list[str]) -> bool:
+    """Mirrors replace_with_bnb_linear: exactly nn.Linear (or GPT-2's Conv1D), unless skipped."""
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    return (type(module) is nn.Linear or isinstance(module, Conv1D)) and should_convert_module(module_name, skip)
+
+
+def _out_rows(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.weight.shape[1]  # Conv1D is [in, out]
+
+
+# ---- bytes per parameter under a preset -----------------------------------------------------
+def _dtype_bytes(preset: Preset) -> int:
+    return preset.dtype.itemsize
+
+
+def _param_bytes(p: _Param, preset: Preset) -> tuple[float, bool]:
+    """(bytes, quantized?) for one parameter stored under `preset` on a machine where it runs natively."""
+    q, plain = preset.quantization, p.numel * _dtype_bytes(preset)
+    if q == "mxfp4" and p.group == "experts":
+        if p.kind == "expert3d":
+            return p.numel * BYTES_PER_QUANTIZED_VALUE["mxfp4"], True
+        return p.numel * 4, False  # Mxfp4GptOssExperts keeps the expert biases in float32
+    if q == "bnb-int8" and p.kind == "linear":
+        return p.numel * BYTES_PER_QUANTIZED_VALUE["bnb-int8"] + p.rows * 4, True
+    if q == "bnb-nf4" and p.kind == "linear":
+        return p.numel * BYTES_PER_QUANTIZED_VALUE["bnb-nf4"], True
+    return plain, False
+
+
+# ---- KV cache and activations ------------------------------------------------------------
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def layer_windows(config: Any) -> list[int | None]:
+    """Per layer, the sliding window that caps its KV cache (None: the layer keeps every token)."""
+    text = _text_config(config)
+    n, window = text.num_hidden_layers, getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types:
+        return [window if t == "sliding_attention" else None for t in layer_types[:n]]
+    if window and getattr(text, "use_sliding_window", True):
+        return [window] * n
+    return [None] * n
+
+
+def kv_cache_bytes(config: Any, tokens: int, dtype_bytes: int = 2, batch_size: int = 1) -> int:
+    """Bytes of keys and values for `tokens` tokens: 2 x kv_heads x head_dim x dtype per layer and token,
+    each sliding-window layer capped at its window."""
+    text = _text_config(config)
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    per_token = 2 * kv_heads * head_dim * dtype_bytes
+    return batch_size * sum(per_token * min(tokens, w or tokens) for w in layer_windows(config))
+
+
+def activation_bytes(config: Any, tokens: int, dtype_bytes: int, batch_size: int = 1) -> int:
+    """Peak working memory of one forward over `tokens`: the full logits plus one layer's eager attention
+    scores (float32 scores and probabilities in the compute dtype; gpt-oss runs eager attention)."""
+    text = _text_config(config)
+    logits = tokens * text.vocab_size * dtype_bytes
+    scores = text.num_attention_heads * tokens * tokens * (4 + dtype_bytes)
+    return batch_size * (logits + scores)
+
+
+# ---- the plan --------------------------------------------------------------------------
+@dataclasses.dataclass
+class Plan:
+    """Memory needed by one model under one preset, and whether it fits on this machine."""
+
+    model: str
+    preset: str
+    source_note: str
+    dtype: str
+    params_by_group: dict[str, int]
+    bytes_by_group: dict[str, int]
+    quantized_groups: tuple[str, ...]
+    total_bytes: int  # weights under this preset where it runs natively
+    fallback: str | None  # why the preset will not run natively here (e.g. mxfp4 dequantized to bf16)
+    fallback_bytes: int | None  # weights as they will really load here when there is a fallback
+    kv_bytes_per_1k_tokens: int
+    kv_bytes: int
+    context_tokens: int
+    batch_size: int
+    activation_bytes: int
+    overhead_bytes: int
+    placement: str  # "accelerator" | "cpu" | "offload"
+    target: str  # device name, or "offload (cuda:0 -> cpu -> disk)"
+    fits: dict[str, bool]  # per device name: would everything fit on that device alone?
+    free_bytes: dict[str, int]
+    fits_target: bool  # does it fit where this preset puts it?
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.params_by_group.values())
+
+    @property
+    def load_bytes(self) -> int:
+        """The weight bytes that will really be allocated here."""
+        return self.fallback_bytes if self.fallback_bytes is not None else self.total_bytes
+
+    @property
+    def need_bytes(self) -> int:
+        """Weights as loaded here + KV cache + activations + overhead margin."""
+        return self.load_bytes + self.kv_bytes + self.activation_bytes + self.overhead_bytes
+
+    def require_fit(self) -> Plan:
+        """Return self when the plan fits where the preset puts it, else raise DoesNotFitError."""
+        if self.fits_target:
+            return self
+        free = sum(self.free_bytes.values()) if self.placement == "offload" else self.free_bytes.get(self.target, 0)
+        raise DoesNotFitError(
+            f"{self.model} with preset {self.preset!r} needs about {_gb(self.need_bytes)} on {self.target} "
+            f"(weights {_gb(self.load_bytes)} + KV cache {_gb(self.kv_bytes)} for {self.context_tokens} tokens "
+            f"x batch {self.batch_size} + activations {_gb(self.activation_bytes)} "
+            f"+ overhead {_gb(self.overhead_bytes)}) "
+            f"but only {_gb(free)} is free there.\n"
+            "Try preset='offload' (accelerate spreads the weights over GPU, CPU RAM and disk; slow), a smaller preset "
+            "(nf4 or int8; mxfp4 for gpt-oss on a GPU with native support), or fewer context_tokens. "
+            "workbench.plan_all(model) compares every preset."
+        )
+
+    # ---- display -----------------------------------------------------------------------
+    def _rows(self) -> list[tuple[str, str, str, str]]:
+        rows = []
+        for g in GROUPS:
+            if self.params_by_group.get(g):
+                how = "quantized" if g in self.quantized_groups else self.dtype
+                rows.append((g, _count_str(self.params_by_group[g]), _gb(self.bytes_by_group[g]), how))
+        return rows
+
+    def _summary_lines(self) -> list[str]:
+        lines = [f"weights: {_gb(self.total_bytes)} ({self.total_bytes / 2**30:.2f} GiB) "
+                 f"for {_count_str(self.total_params)} parameters"]
+        if self.fallback:
+            lines.append(f"here it loads dequantized instead: {_gb(self.fallback_bytes)} ({self.fallback})")
+        lines += [
+            f"KV cache: {_gb(self.kv_bytes_per_1k_tokens)} per 1k tokens; {_gb(self.kv_bytes)} for "
+            f"{self.context_tokens} tokens x batch {self.batch_size}",
+            f"activations (one forward of {self.context_tokens} tokens): {_gb(self.activation_bytes)}; "
+            f"overhead margin ({OVERHEAD_FRACTION:.0%} of weights + {OVERHEAD_FIXED_BYTES / 2**20:.0f} MiB): "
+            f"{_gb(self.overhead_bytes)}",
+            f"needs {_gb(self.need_bytes)} on {self.target}: " + ("fits" if self.fits_target else "DOES NOT FIT"),
+            "free: " + ", ".join(f"{d} {_gb(b)}" + ("" if self.fits.get(d, True) else " (too small)")
+                                 for d, b in self.free_bytes.items()),
+        ]
+        return lines
+
+    def __str__(self) -> str:
+        head = [f"Memory plan: {self.model}, preset {self.preset!r}", f"config: {self.source_note}"]
+        table = [f"  {'group':<11}{'params':>10}{'bytes':>12}  stored as"]
+        table += [f"  {g:<11}{n:>10}{b:>12}  {how}" for g, n, b, how in self._rows()]
+        notes = [f"  - {n}" for n in self.notes]
+        return "\n".join(head + table + self._summary_lines() + (["notes:"] + notes if notes else []))
+
+    def _repr_html_(self) -> str:
+        e = html.escape
+        rows = "".join(f"<tr><td>{e(g)}</td><td style='text-align:right'>{n}</td>"
+                       f"<td style='text-align:right'>{b}</td><td>{e(how)}</td></tr>" for g, n, b, how in self._rows())
+        summary = "".join(f"<li>{e(line)}</li>" for line in self._summary_lines())
+        notes = "".join(f"<li>{e(n)}</li>" for n in self.notes)
+        return (
+            f"<div><b>Memory plan: {e(self.model)}, preset <code>{e(self.preset)}</code></b>"
+            f"<div style='font-size:90%'>config: {e(self.source_note)}</div>"
+            "<table><thead><tr><th>group</th><th>params</th><th>bytes</th><th>stored as</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table><ul>{summary}</ul>"
+            + (f"<div>notes:</div><ul>{notes}</ul>" if notes else "") + "</div>"
+        )
+
+
+def _gb(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _count_str(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
+# ---- building plans ----------------------------------------------------------------------
+@dataclasses.dataclass
+class _Context:
+    """Everything a plan needs that does not depend on the preset."""
+
+    source: sources.Source
+    params: tuple[_Param, ...]
+    devices: list[hardware.Device]
+    context_tokens: int
+    batch_size: int
+    trust_remote_code: bool
+
+    @property
+    def gpus(self) -> list[hardware.Device]:
+        return [d for d in self.devices if d.name.startswith("cuda")]
+
+
+def _context(model: Any, context_tokens: int, batch_size: int, devices: list[hardware.Device] | None,
+             trust_remote_code: bool) -> _Context:
+    source = _resolve_for_planning(model, trust_remote_code)
+    params = _skeleton(source.config, trust_remote_code)
+    return _Context(source, params, list(devices) if devices is not None else hardware.devices(),
+                    context_tokens, batch_size, trust_remote_code)
+
+
+def _resolve_for_planning(model: Any, trust_remote_code: bool) -> sources.Source:
+    """Like sources.resolve, but a well-known hub id that is not downloaded is planned from its bundled config."""
+    try:
+        return sources.resolve(model, trust_remote_code=trust_remote_code)
+    except ModelNotFoundError:
+        known = sources.known_source(model) if isinstance(model, str) else None
+        if known is None:
+            raise
+        return known
+
+
+def _check_possible(ctx: _Context, preset: Preset) -> list[str]:
+    """Raise PresetError when the preset cannot work for this model here; return notes about it."""
+    config = ctx.source.config
+    method = sources.quant_method(config)
+    is_gpt_oss = getattr(config, "model_type", None) == "gpt_oss"
+    if preset.quantization == "mxfp4":
+        if not is_gpt_oss:
+            raise PresetError(
+                f"preset 'mxfp4' only applies to gpt-oss (its experts are MXFP4 in the released checkpoint); "
+                f"{ctx.source.name} is {config.model_type!r}. "
+                f"Presets that work for it: {', '.join(_working_presets(ctx))}."
+            )
+        if method not in (None, "mxfp4"):
+            raise PresetError(f"{ctx.source.name} is already quantized with {method!r}; mxfp4 cannot be applied on top")
+    if preset.quantization and preset.quantization.startswith("bnb"):
+        if method == "mxfp4":
+            raise PresetError(
+                f"preset {preset.name!r} (bitsandbytes) cannot load {ctx.source.name}: "
+                "its checkpoint is stored in MXFP4 "
+                "and transformers refuses a second quantization config (\"The model is quantized with Mxfp4Config but "
+                "you are passing a BitsAndBytesConfig config\"). Use preset 'mxfp4' (dequantized to bf16 without "
+                "native kernels), 'bf16', or a bf16 copy of the weights (e.g. a *-BF16 repository) with int8/nf4 — "
+                "where the experts still stay bf16, since bitsandbytes converts nn.Linear modules only."
+            )
+        if method is not None:
+            raise PresetError(
+                f"{ctx.source.name} is already quantized with {method!r}; bitsandbytes cannot be applied on top"
+            )
+        if not hardware.bitsandbytes_available():
+            raise PresetError(f"preset {preset.name!r} needs bitsandbytes: pip install 'bitsandbytes>=0.45'")
+    if method == "mxfp4" and preset.quantization is None:
+        return ["the checkpoint stores the experts in MXFP4: this preset dequantizes them at load "
+                "(Mxfp4Config(dequantize=True))"]
+    return []
+
+
+def _working_presets(ctx: _Context) -> list[str]:
+    """Presets other than mxfp4 that are possible for this model (named in the mxfp4 error)."""
+    names = []
+    for name, preset in PRESETS.items():
+        if preset.quantization == "mxfp4":
+            continue
+        try:
+            _check_possible(ctx, preset)
+            names.append(name)
+        except PresetError:
+            pass
+    return names
+
+
+def _mxfp4_fallback(ctx: _Context) -> str | None:
+    """Why mxfp4 would be dequantized to bf16 on these devices, or None when it runs natively."""
+    if not ctx.gpus:
+        return "no CUDA GPU: transformers dequantizes the mxfp4 experts to bf16 (about 3x the memory)"
+    return hardware.mxfp4_unavailable_reason()
+
+
+def _make_plan(ctx: _Context, preset: Preset) -> Plan:
+    notes = _check_possible(ctx, preset)
+    config = ctx.source.config
+    params_by_group = dict.fromkeys(GROUPS, 0)
+    bytes_by_group = dict.fromkeys(GROUPS, 0.0)
+    quantized = set()
+    for p in ctx.params:
+        nbytes, was_quantized = _param_bytes(p, preset)
+        params_by_group[p.group] += p.numel
+        bytes_by_group[p.group] += nbytes
+        if was_quantized:
+            quantized.add(p.group)
+    total = int(sum(bytes_by_group.values()))
+    bf16_total = sum(p.numel for p in ctx.params) * 2
+
+    fallback = _mxfp4_fallback(ctx) if preset.quantization == "mxfp4" else None
+    if fallback and not sources.is_mxfp4_checkpoint(config):
+        raise PresetError(
+            f"preset 'mxfp4' on {ctx.source.name} (bf16 weights) would quantize at load, which needs native mxfp4 "
+            f"support, unavailable here: {fallback}. Use 'bf16' (or 'offload')."
+        )
+    dtype_bytes = _dtype_bytes(preset)
+    kv = kv_cache_bytes(config, ctx.context_tokens, dtype_bytes, ctx.batch_size)
+    plan = Plan(
+        model=ctx.source.name, preset=preset.name, source_note=ctx.source.note,
+        dtype=str(preset.dtype).replace("torch.", ""),
+        params_by_group=params_by_group, bytes_by_group={g: int(b) for g, b in bytes_by_group.items()},
+        quantized_groups=tuple(g for g in GROUPS if g in quantized), total_bytes=total,
+        fallback=fallback, fallback_bytes=bf16_total if fallback else None,
+        kv_bytes_per_1k_tokens=kv_cache_bytes(config, KV_REFERENCE_TOKENS, dtype_bytes),
+        kv_bytes=kv, context_tokens=ctx.context_tokens, batch_size=ctx.batch_size,
+        activation_bytes=activation_bytes(config, ctx.context_tokens, dtype_bytes, ctx.batch_size),
+        overhead_bytes=int(OVERHEAD_FRACTION * (bf16_total if fallback else total)) + OVERHEAD_FIXED_BYTES,
+        placement=preset.device, target="", fits={}, free_bytes={}, fits_target=False,
+        notes=notes + _quantization_notes(ctx, preset, params_by_group, quantized),
+    )
+    _place(plan, ctx)
+    return plan
+
+
+def _quantization_notes(ctx: _Context, preset: Preset, params_by_group: dict[str, int],
+                        quantized: set[str]) -> list[str]:
+    notes = []
+    _, adapter_note = adapter_for(ctx.source.config)
+    if adapter_note:
+        notes.append(adapter_note)
+    total = sum(params_by_group.values())
+    experts = params_by_group["experts"]
+    if preset.quantization and preset.quantization.startswith("bnb"):
+        notes.append("bitsandbytes replaces nn.Linear modules only (lm_head and tied weights are skipped)")
+        if experts and "experts" not in quantized:
+            notes.append(
+                f"the experts ({experts / total:.0%} of the weights) are fused 3-D tensors, not nn.Linear: "
+                f"they stay {str(preset.dtype).replace('torch.', '')} under {preset.name}; only "
+                f"{', '.join(sorted(quantized)) or 'nothing'} is quantized"
+            )
+    if preset.quantization == "mxfp4":
+        notes.append("mxfp4 quantizes the experts' 3-D gate_up_proj/down_proj (17 bytes per 32 values); "
+                     "their biases stay float32, everything else bf16")
+    return notes
+
+
+def _place(plan: Plan, ctx: _Context) -> None:
+    """Fill target, per-device fits and whether it fits where the preset puts it."""
+    memory = [d for d in ctx.devices if d.name != "disk"]
+    need = plan.need_bytes
+    plan.free_bytes = {d.name: d.free_bytes for d in ctx.devices}
+    plan.fits = {d.name: need <= d.free_bytes for d in memory}
+    if plan.placement == "offload":
+        chain = ctx.gpus + [d for d in ctx.devices if not d.name.startswith("cuda")]
+        plan.target = "offload (" + " -> ".join(d.name for d in chain) + ")"
+        # Weights spread over everything; KV cache, activations and the fixed margin stay on the first device.
+        first_free = chain[0].free_bytes if chain else 0
+        working = plan.kv_bytes + plan.activation_bytes + OVERHEAD_FIXED_BYTES
+        plan.fits_target = working <= first_free and need <= sum(d.free_bytes for d in chain)
+        plan.notes.append("offload keeps what does not fit on the GPU in CPU RAM, then on disk: much slower")
+        return
+    if plan.placement == "cpu" or not ctx.gpus:
+        target = next((d for d in ctx.devices if d.name == "cpu"), None)
+    else:
+        target = ctx.gpus[0]
+    plan.target = target.name if target else "cpu"
+    plan.fits_target = bool(target) and plan.fits.get(target.name, False)
+
+
+# ---- public entry points -----------------------------------------------------------------
+def plan(model: Any, preset: str = "auto", *, context_tokens: int = 4096, batch_size: int = 1,
+         devices: list[hardware.Device] | None = None, trust_remote_code: bool = False) -> Plan:
+    """The memory plan of `model` (hub id, folder, .gguf path or config) under `preset`, from its config alone."""
+    if preset != "auto":
+        get_preset(preset)  # an unknown name fails before any work
+    ctx = _context(model, context_tokens, batch_size, devices, trust_remote_code)
+    if preset == "auto":
+        chosen, reason = _choose(ctx)
+        result = _make_plan(ctx, PRESETS[chosen])
+        result.notes.insert(0, f"auto chose {chosen!r}: {reason}")
+        return result
+    return _make_plan(ctx, get_preset(preset))
+
+
+@dataclasses.dataclass
+class PlanTable:
+    """One plan per possible preset, and why the others are impossible."""
+
+    plans: dict[str, Plan]
+    skipped: dict[str, str]
+
+    def __getitem__(self, preset: str) -> Plan:
+        return self.plans[preset]
+
+    def _rows(self) -> list[tuple[str, str, str, str, str]]:
+        return [(name, _gb(p.total_bytes) + (f" ({_gb(p.fallback_bytes)} here)" if p.fallback else ""),
+                 _gb(p.need_bytes), p.target, "yes" if p.fits_target else "no") for name, p in self.plans.items()]
+
+    def __str__(self) -> str:
+        lines = [f"{'preset':<9}{'weights':<28}{'needs here':>11}  {'where':<28}fits"]
+        lines += [f"{n:<9}{w:<28}{need:>11}  {t:<28}{f}" for n, w, need, t, f in self._rows()]
+        lines += [f"{n}: impossible: {why}" for n, why in self.skipped.items()]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        e = html.escape
+        rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in self._rows())
+        skipped = "".join(f"<li><code>{e(n)}</code>: {e(why)}</li>" for n, why in self.skipped.items())
+        return ("<table><thead><tr><th>preset</th><th>weights</th><th>needs here</th><th>where</th><th>fits</th>"
+                f"</tr></thead><tbody>{rows}</tbody></table>" + (f"<ul>{skipped}</ul>" if skipped else ""))
+
+
+def plan_all(model: Any, *, context_tokens: int = 4096, batch_size: int = 1,
+             devices: list[hardware.Device] | None = None, trust_remote_code: bool = False) -> PlanTable:
+    """Plans for every preset; impossible ones are listed in `.skipped` with their reason."""
+    ctx = _context(model, context_tokens, batch_size, devices, trust_remote_code)
+    plans, skipped = {}, {}
+    for name, preset in PRESETS.items():
+        try:
+            plans[name] = _make_plan(ctx, preset)
+        except PresetError as e:
+            skipped[name] = str(e)
+    return PlanTable(plans, skipped)
+
+
+def choose_auto(model: Any, *, context_tokens: int = 4096, batch_size: int = 1,
+                devices: list[hardware.Device] | None = None, trust_remote_code: bool = False) -> tuple[str, str]:
+    """(preset name, reason) that "auto" picks for this model on these devices."""
+    return _choose(_context(model, context_tokens, batch_size, devices, trust_remote_code))
+
+
+def _try(ctx: _Context, name: str) -> Plan | None:
+    try:
+        return _make_plan(ctx, PRESETS[name])
+    except PresetError:
+        return None
+
+
+def _choose(ctx: _Context) -> tuple[str, str]:
+    if ctx.gpus:
+        return _choose_gpu(ctx)
+    return _choose_cpu(ctx)
+
+
+def _choose_gpu(ctx: _Context) -> tuple[str, str]:
+    gpu = ctx.gpus[0].name
+    if sources.is_mxfp4_checkpoint(ctx.source.config):
+        p = _try(ctx, "mxfp4")
+        if p and not p.fallback and p.fits_target:
+            return "mxfp4", f"gpt-oss MXFP4 checkpoint with native mxfp4 support on {gpu}: {_gb(p.need_bytes)} fits"
+    p = _try(ctx, "bf16")
+    if p and p.fits_target:
+        return "bf16", f"bf16 fits on {gpu} ({_gb(p.need_bytes)} of {_gb(p.free_bytes[gpu])} free)"
+    for name in BNB_PRESETS:
+        q = _try(ctx, name)
+        if q and q.fits_target:
+            return name, f"bf16 does not fit on {gpu}; {name} does ({_gb(q.need_bytes)})"
+    return "offload", f"no single-device preset fits on {gpu}: offloading to CPU RAM and disk"
+
+
+def _choose_cpu(ctx: _Context) -> tuple[str, str]:
+    cpu = next((d for d in ctx.devices if d.name == "cpu"), None)
+    free = cpu.free_bytes if cpu else 0
+    p = _try(ctx, "cpu")
+    if p and p.need_bytes <= COMFORT_FRACTION * free:
+        return "cpu", f"no GPU; float32 needs {_gb(p.need_bytes)}, comfortably within {_gb(free)} of free RAM"
+    p = _try(ctx, "bf16")
+    if p and p.fits_target:
+        return "bf16", f"no GPU; float32 would be tight, bf16 needs {_gb(p.need_bytes)} of {_gb(free)} free RAM"
+    return "offload", f"no GPU and bf16 does not fit in {_gb(free)} of free RAM: offloading to disk"
