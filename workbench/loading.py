@@ -59,7 +59,7 @@ def load(
     by_group, by_device = measure(loaded, adapter)
     requested_quant = row.quantization
     actual = actual_quantization(loaded)
-    notes = [n for n in (adapter_note, *memory_plan.notes) if n]
+    notes = list(dict.fromkeys(n for n in (adapter_note, *memory_plan.notes) if n))
     report = LoadReport(
         model=source.name,
         requested_preset="auto" if auto_reason else preset,
@@ -72,7 +72,7 @@ def load(
         bytes_by_device=by_device,
         planned_bytes=memory_plan.total_bytes,
         attn_implementation=loaded.config._attn_implementation,
-        device_map={k: str(v) for k, v in (getattr(loaded, "hf_device_map", None) or {}).items()},
+        device_map=_device_map(loaded),
         load_seconds=seconds,
         notes=notes,
         transformers_warnings=warnings.messages,
@@ -116,6 +116,14 @@ def _from_pretrained_kwargs(row: Preset, source: "sources.Source", offload_folde
     else:
         kwargs["device_map"] = "cuda:0" if gpu else "cpu"
     return kwargs
+
+
+def _device_map(model) -> dict[str, str]:
+    # transformers sets hf_device_map only when accelerate dispatched the model over several places.
+    mapping = getattr(model, "hf_device_map", None)
+    if mapping:
+        return {k: str(v) for k, v in mapping.items()}
+    return {"": str(next(model.parameters()).device)}
 
 
 def _fallback(requested: str | None, actual: str | None, warnings: list[str]) -> str | None:

@@ -365,9 +365,8 @@ def _mxfp4_fallback(ctx: _Context) -> str | None:
     return hardware.mxfp4_unavailable_reason()
 
 
-def _make_plan(ctx: _Context, preset: Preset) -> Plan:
-    notes = _check_possible(ctx, preset)
-    config = ctx.source.config
+def _count_bytes(ctx: _Context, preset: Preset) -> tuple[dict[str, int], dict[str, int], tuple[str, ...]]:
+    """(params per group, bytes per group, groups the preset really quantizes) for this model."""
     params_by_group = dict.fromkeys(GROUPS, 0)
     bytes_by_group = dict.fromkeys(GROUPS, 0.0)
     quantized = set()
@@ -377,29 +376,34 @@ def _make_plan(ctx: _Context, preset: Preset) -> Plan:
         bytes_by_group[p.group] += nbytes
         if was_quantized:
             quantized.add(p.group)
-    total = int(sum(bytes_by_group.values()))
-    bf16_total = sum(p.numel for p in ctx.params) * 2
+    return params_by_group, {g: int(b) for g, b in bytes_by_group.items()}, tuple(g for g in GROUPS if g in quantized)
 
+
+def _make_plan(ctx: _Context, preset: Preset) -> Plan:
+    notes = _check_possible(ctx, preset)
+    config = ctx.source.config
     fallback = _mxfp4_fallback(ctx) if preset.quantization == "mxfp4" else None
     if fallback and not sources.is_mxfp4_checkpoint(config):
         raise PresetError(
             f"preset 'mxfp4' on {ctx.source.name} (bf16 weights) would quantize at load, which needs native mxfp4 "
             f"support, unavailable here: {fallback}. Use 'bf16' (or 'offload')."
         )
+    params_by_group, bytes_by_group, quantized = _count_bytes(ctx, preset)
+    total = sum(bytes_by_group.values())
+    bf16_total = 2 * sum(params_by_group.values())  # what a dequantizing fallback allocates
     dtype_bytes = _dtype_bytes(preset)
-    kv = kv_cache_bytes(config, ctx.context_tokens, dtype_bytes, ctx.batch_size)
     plan = Plan(
         model=ctx.source.name, preset=preset.name, source_note=ctx.source.note,
         dtype=str(preset.dtype).replace("torch.", ""),
-        params_by_group=params_by_group, bytes_by_group={g: int(b) for g, b in bytes_by_group.items()},
-        quantized_groups=tuple(g for g in GROUPS if g in quantized), total_bytes=total,
-        fallback=fallback, fallback_bytes=bf16_total if fallback else None,
+        params_by_group=params_by_group, bytes_by_group=bytes_by_group, quantized_groups=quantized,
+        total_bytes=total, fallback=fallback, fallback_bytes=bf16_total if fallback else None,
         kv_bytes_per_1k_tokens=kv_cache_bytes(config, KV_REFERENCE_TOKENS, dtype_bytes),
-        kv_bytes=kv, context_tokens=ctx.context_tokens, batch_size=ctx.batch_size,
+        kv_bytes=kv_cache_bytes(config, ctx.context_tokens, dtype_bytes, ctx.batch_size),
+        context_tokens=ctx.context_tokens, batch_size=ctx.batch_size,
         activation_bytes=activation_bytes(config, ctx.context_tokens, dtype_bytes, ctx.batch_size),
         overhead_bytes=int(OVERHEAD_FRACTION * (bf16_total if fallback else total)) + OVERHEAD_FIXED_BYTES,
         placement=preset.device, target="", fits={}, free_bytes={}, fits_target=False,
-        notes=notes + _quantization_notes(ctx, preset, params_by_group, quantized),
+        notes=notes + _quantization_notes(ctx, preset, params_by_group, set(quantized)),
     )
     _place(plan, ctx)
     return plan
@@ -418,13 +422,17 @@ def _quantization_notes(ctx: _Context, preset: Preset, params_by_group: dict[str
         if experts and "experts" not in quantized:
             notes.append(
                 f"the experts ({experts / total:.0%} of the weights) are fused 3-D tensors, not nn.Linear: "
-                f"they stay {str(preset.dtype).replace('torch.', '')} under {preset.name}; only "
+                f"they stay {_short_dtype(preset)} under {preset.name}; only "
                 f"{', '.join(sorted(quantized)) or 'nothing'} is quantized"
             )
     if preset.quantization == "mxfp4":
         notes.append("mxfp4 quantizes the experts' 3-D gate_up_proj/down_proj (17 bytes per 32 values); "
                      "their biases stay float32, everything else bf16")
     return notes
+
+
+def _short_dtype(preset: Preset) -> str:
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(str(preset.dtype).replace("torch.", ""), "")
 
 
 def _place(plan: Plan, ctx: _Context) -> None:
@@ -448,6 +456,19 @@ def _place(plan: Plan, ctx: _Context) -> None:
         target = ctx.gpus[0]
     plan.target = target.name if target else "cpu"
     plan.fits_target = bool(target) and plan.fits.get(target.name, False)
+
+
+def offload_max_memory(devices: list[hardware.Device] | None = None) -> dict[int | str, int]:
+    """`max_memory` for accelerate's device_map="auto" under the offload preset: the free memory of each GPU
+    and of CPU RAM, less a margin left for the KV cache, activations and the runtime."""
+    found = devices if devices is not None else hardware.devices()
+    budget: dict[int | str, int] = {}
+    for d in found:
+        if d.name.startswith("cuda"):
+            budget[int(d.name.split(":")[1])] = max(0, int(0.85 * d.free_bytes) - OVERHEAD_FIXED_BYTES)
+        elif d.name == "cpu":
+            budget["cpu"] = max(0, int(0.85 * d.free_bytes))
+    return budget
 
 
 # ---- public entry points -----------------------------------------------------------------
