@@ -412,18 +412,19 @@ def _make_plan(ctx: _Context, preset: Preset) -> Plan:
 def _quantization_notes(ctx: _Context, preset: Preset, params_by_group: dict[str, int],
                         quantized: set[str]) -> list[str]:
     notes = []
-    _, adapter_note = adapter_for(ctx.source.config)
+    adapter, adapter_note = adapter_for(ctx.source.config)
     if adapter_note:
         notes.append(adapter_note)
     total = sum(params_by_group.values())
     experts = params_by_group["experts"]
     if preset.quantization and preset.quantization.startswith("bnb"):
         notes.append("bitsandbytes replaces nn.Linear modules only (lm_head and tied weights are skipped)")
-        if experts and "experts" not in quantized:
+        if experts and adapter.is_moe:
+            shared = " (the always-on shared expert is a plain nn.Linear MLP and is quantized)" if adapter.shared_expert else ""
             notes.append(
-                f"the experts ({experts / total:.0%} of the weights) are fused 3-D tensors, not nn.Linear: "
-                f"they stay {_short_dtype(preset)} under {preset.name}; only "
-                f"{', '.join(sorted(quantized)) or 'nothing'} is quantized"
+                f"the routed experts ({experts / total:.0%} of the weights with any shared expert) are fused 3-D "
+                f"tensors, not nn.Linear: they stay {_short_dtype(preset)} under {preset.name}{shared}; "
+                f"quantized groups: {', '.join(sorted(quantized)) or 'none'}"
             )
     if preset.quantization == "mxfp4":
         notes.append("mxfp4 quantizes the experts' 3-D gate_up_proj/down_proj (17 bytes per 32 values); "
