@@ -148,10 +148,11 @@ def kv_cache_bytes(config: Any, tokens: int, dtype_bytes: int = 2, batch_size: i
 
 
 def activation_bytes(config: Any, tokens: int, dtype_bytes: int, batch_size: int = 1) -> int:
-    """Peak working memory of one forward over `tokens`: the full logits plus one layer's eager attention
-    scores (float32 scores and probabilities in the compute dtype; gpt-oss runs eager attention)."""
+    """Peak working memory of one prefill over `tokens`: one layer's eager attention scores (float32 scores
+    and probabilities in the compute dtype; gpt-oss runs eager attention) plus the logits of the last
+    position (generate keeps only those; a trace's full logits are counted by the trace budget)."""
     text = _text_config(config)
-    logits = tokens * text.vocab_size * dtype_bytes
+    logits = text.vocab_size * 4
     scores = text.num_attention_heads * tokens * tokens * (4 + dtype_bytes)
     return batch_size * (logits + scores)
 
