@@ -90,8 +90,9 @@ class Capture:
                  dtype: torch.dtype | None = None, budget=None):
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.model, self.adapter, self.config = model, adapter, config
+        what = (what,) if isinstance(what, str) else what
         what = tuple(what) if what is not None else (("routing", "attention") if adapter.is_moe else ("attention",))
-        if isinstance(what, str) or not set(what) <= set(WHAT) or not what:
+        if not set(what) <= set(WHAT) or not what:
             raise CaptureError(f"what={what!r}: choose any of {', '.join(WHAT)}.")
         if "routing" in what and not adapter.is_moe:
             raise CaptureError(f"{adapter.family} is a dense model (no router): capture 'attention' or 'residuals'.")

@@ -1,0 +1,145 @@
+"""Cost of tracing vs a plain forward, and trace sizes from shapes.
+
+1. Routing-only trace vs plain forward: random gpt-oss config (hidden 512, 8 layers, 16 experts, top-4),
+   512 tokens, float32 on the CPU. Goal <= 1.05x.
+2. Attention capture of every layer (q/k recorded, patterns not computed) vs plain forward: SmolLM2-135M at
+   1,024 tokens under its default sdpa. Goal <= 1.3x. Eager `output_attentions=True` measured for comparison.
+3. Bytes of a gpt-oss-20b trace at 4,096 tokens computed from its config, vs every fp32 pattern (~51 GB).
+
+Repetitions are interleaved (plain, traced, plain, traced, ...) so load from other processes hits both alike;
+the figure is the median of per-pair ratios. Results go to benchmarks/results.json under "tracing".
+
+    python benchmarks/bench_tracing.py [--reps 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import transformers
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from workbench.adapters import adapter_for  # noqa: E402
+from workbench.tracing import trace, trace_bytes  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).with_name("results.json")
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def interleaved(plain, variants: dict, reps: int) -> dict:
+    """Median seconds of each and the median of per-pair ratios (variant / the plain run just before it)."""
+    plain()
+    for fn in variants.values():
+        fn()  # warm-up
+    times = {"plain": []} | {k: [] for k in variants}
+    ratios = {k: [] for k in variants}
+    for _ in range(reps):
+        for name, fn in variants.items():
+            p = timed(plain)
+            v = timed(fn)
+            times["plain"].append(p)
+            times[name].append(v)
+            ratios[name].append(v / p)
+    return {"seconds_median": {k: round(statistics.median(v), 4) for k, v in times.items()},
+            "ratio_median": {k: round(statistics.median(v), 3) for k, v in ratios.items()},
+            "ratios": {k: [round(r, 3) for r in v] for k, v in ratios.items()}}
+
+
+def bench_routing(reps: int) -> dict:
+    config = transformers.GptOssConfig(hidden_size=512, intermediate_size=512, num_hidden_layers=8,
+                                       num_local_experts=16, num_experts_per_tok=4, num_attention_heads=8,
+                                       num_key_value_heads=2, head_dim=64, vocab_size=2048, sliding_window=128,
+                                       layer_types=["sliding_attention", "full_attention"] * 4)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(config).eval()
+    adapter, _ = adapter_for(config)
+    ids = torch.randint(0, 2048, (1, 512))
+
+    def plain():
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+
+    result = interleaved(plain, {"routing_trace": lambda: trace(model, None, adapter, ids, what=["routing"])}, reps)
+    return {"model": "random gpt-oss (hidden 512, 8 layers, 16 experts top-4, eager, float32)", "tokens": 512,
+            **result}
+
+
+def bench_attention(reps: int) -> dict:
+    from workbench.testing import smollm2_path
+
+    folder = smollm2_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    adapter, _ = adapter_for(model.config)
+    ids = torch.randint(100, 40000, (1, 1024), generator=torch.Generator().manual_seed(0))
+    implementation = model.config._attn_implementation
+
+    def plain():
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+
+    def attention_trace():
+        trace(model, None, adapter, ids, what=["attention"])  # every layer and head, float16 q/k
+
+    result = interleaved(plain, {"attention_trace_all_layers": attention_trace}, reps)
+    t = trace(model, None, adapter, ids, what=["attention"])
+    pattern_seconds = timed(lambda: t.attention(15))  # one layer, all 9 heads, computed on demand
+    # eager output_attentions, for comparison: the same model switched to eager, vs plain eager
+    model.set_attn_implementation("eager")
+
+    def plain_eager():
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+
+    def eager_attentions():
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False, output_attentions=True)
+
+    eager = interleaved(plain_eager, {"eager_output_attentions": eager_attentions}, max(2, reps // 2))
+    model.set_attn_implementation(implementation)
+    return {"model": f"SmolLM2-135M-Instruct (float32, {implementation})", "tokens": 1024, **result,
+            "one_layer_patterns_seconds": round(pattern_seconds, 4),
+            "trace_bytes": sum(v.numel() * v.element_size() for v in t._t.values()),
+            "eager_output_attentions_vs_plain_eager": eager["ratio_median"]["eager_output_attentions"]}
+
+
+def sizes_20b() -> dict:
+    config = transformers.GptOssConfig(num_hidden_layers=24, num_local_experts=32, num_experts_per_tok=4,
+                                       hidden_size=2880, intermediate_size=2880, num_attention_heads=64,
+                                       num_key_value_heads=8, head_dim=64, vocab_size=201088, sliding_window=128)
+    tokens = 4096
+    size = trace_bytes(config, None, tokens, what=("routing", "attention"), dtype=torch.bfloat16)
+    patterns = 24 * 64 * tokens * tokens * 4
+    return {"tokens": tokens, "attention_qk_bytes": size["attention"], "routing_bytes": size["routing"],
+            "residual_bytes_if_requested": trace_bytes(config, None, tokens, what=("residuals",))["residuals"],
+            "all_fp32_patterns_bytes": patterns, "patterns_over_trace": round(patterns / size["total"], 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    out = {"routing": bench_routing(args.reps), "attention": bench_attention(args.reps), "gpt_oss_20b_4096": sizes_20b(),
+           "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+           "date": time.strftime("%Y-%m-%d")}
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results["tracing"] = out
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

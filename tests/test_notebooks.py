@@ -1,0 +1,44 @@
+"""Every guided notebook runs top to bottom, headless, with its offline defaults."""
+import pathlib
+
+import pytest
+
+NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def _run(path, tmp_path, **parameters):
+    papermill = pytest.importorskip("papermill")
+    out = tmp_path / path.name
+    papermill.execute_notebook(str(path), str(out), parameters=parameters, kernel_name="python3",
+                               cwd=str(path.parent), progress_bar=False, execution_timeout=600)
+    import nbformat
+
+    return nbformat.read(out, as_version=4)
+
+
+def test_notebooks_are_committed_without_outputs():
+    import nbformat
+
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert not cell.outputs and cell.execution_count is None, f"{path.name} has outputs"
+        assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells), f"{path.name}: no parameters cell"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_with_offline_defaults(path, tmp_path, smollm2_dir):
+    nb = _run(path, tmp_path)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+
+
+@pytest.mark.slow
+def test_parameter_cell_switches_the_model(tmp_path, tiny_checkpoint):
+    path = next(p for p in NOTEBOOKS if p.name.startswith("01_"))
+    model = str(tiny_checkpoint("mixtral"))
+    nb = _run(path, tmp_path, MODEL=model, MAX_NEW_TOKENS=4)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert f"model: {model}" in text
