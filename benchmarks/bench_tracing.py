@@ -31,14 +31,15 @@ from workbench.tracing import trace, trace_bytes  # noqa: E402
 RESULTS = pathlib.Path(__file__).with_name("results.json")
 
 
-def timed(fn) -> float:
-    t = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process). On a shared machine CPU time is the steadier cost measure."""
+    w, c = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t
+    return time.perf_counter() - w, time.process_time() - c
 
 
 def interleaved(plain, variants: dict, reps: int) -> dict:
-    """Median seconds of each and the median of per-pair ratios (variant / the plain run just before it)."""
+    """Medians of each and of per-pair ratios (variant / the plain run just before it), wall and CPU time."""
     plain()
     for fn in variants.values():
         fn()  # warm-up
@@ -50,10 +51,14 @@ def interleaved(plain, variants: dict, reps: int) -> dict:
             v = timed(fn)
             times["plain"].append(p)
             times[name].append(v)
-            ratios[name].append(v / p)
-    return {"seconds_median": {k: round(statistics.median(v), 4) for k, v in times.items()},
-            "ratio_median": {k: round(statistics.median(v), 3) for k, v in ratios.items()},
-            "ratios": {k: [round(r, 3) for r in v] for k, v in ratios.items()}}
+            ratios[name].append((v[0] / p[0], v[1] / p[1]))
+    med = statistics.median
+    return {"wall_seconds_median": {k: round(med(x[0] for x in v), 4) for k, v in times.items()},
+            "cpu_seconds_median": {k: round(med(x[1] for x in v), 4) for k, v in times.items()},
+            "ratio_median_cpu": {k: round(med(r[1] for r in v), 3) for k, v in ratios.items()},
+            "ratio_median_wall": {k: round(med(r[0] for r in v), 3) for k, v in ratios.items()},
+            "ratios_cpu": {k: [round(r[1], 3) for r in v] for k, v in ratios.items()},
+            "ratios_wall": {k: [round(r[0], 3) for r in v] for k, v in ratios.items()}}
 
 
 def bench_routing(reps: int) -> dict:
@@ -94,7 +99,7 @@ def bench_attention(reps: int) -> dict:
 
     result = interleaved(plain, {"attention_trace_all_layers": attention_trace}, reps)
     t = trace(model, None, adapter, ids, what=["attention"])
-    pattern_seconds = timed(lambda: t.attention(15))  # one layer, all 9 heads, computed on demand
+    pattern_seconds = timed(lambda: t.attention(15))[0]  # one layer, all 9 heads, computed on demand
     # eager output_attentions, for comparison: the same model switched to eager, vs plain eager
     model.set_attn_implementation("eager")
 
@@ -111,7 +116,8 @@ def bench_attention(reps: int) -> dict:
     return {"model": f"SmolLM2-135M-Instruct (float32, {implementation})", "tokens": 1024, **result,
             "one_layer_patterns_seconds": round(pattern_seconds, 4),
             "trace_bytes": sum(v.numel() * v.element_size() for v in t._t.values()),
-            "eager_output_attentions_vs_plain_eager": eager["ratio_median"]["eager_output_attentions"]}
+            "eager_output_attentions_vs_plain_eager": {"cpu": eager["ratio_median_cpu"]["eager_output_attentions"],
+                                                       "wall": eager["ratio_median_wall"]["eager_output_attentions"]}}
 
 
 def sizes_20b() -> dict:
@@ -120,15 +126,18 @@ def sizes_20b() -> dict:
                                        num_key_value_heads=8, head_dim=64, vocab_size=201088, sliding_window=128)
     tokens = 4096
     size = trace_bytes(config, None, tokens, what=("routing", "attention"), dtype=torch.bfloat16)
-    patterns = 24 * 64 * tokens * tokens * 4
-    return {"tokens": tokens, "attention_qk_bytes": size["attention"], "routing_bytes": size["routing"],
+    square = 24 * 64 * tokens * tokens * 4  # every head's full [T, T] float32 pattern
+    causal = 24 * 64 * tokens * (tokens + 1) // 2 * 4  # only the causal lower triangle (the ~51 GB figure)
+    return {"tokens": tokens, "attention_qk_bytes_bf16": size["attention"], "routing_bytes": size["routing"],
+            "trace_bytes": size["total"],
             "residual_bytes_if_requested": trace_bytes(config, None, tokens, what=("residuals",))["residuals"],
-            "all_fp32_patterns_bytes": patterns, "patterns_over_trace": round(patterns / size["total"], 1)}
+            "fp32_patterns_square_bytes": square, "fp32_patterns_causal_triangle_bytes": causal,
+            "causal_patterns_over_trace": round(causal / size["total"], 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args()
     torch.manual_seed(0)
     out = {"routing": bench_routing(args.reps), "attention": bench_attention(args.reps), "gpt_oss_20b_4096": sizes_20b(),

@@ -17,7 +17,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from workbench import generation as G
 from workbench.errors import ContextLengthError, SamplingError
 
-
 # --- fixtures: a tiny model, a stand-in tokenizer and parser ----------------------------------------
 
 @dataclasses.dataclass
@@ -193,6 +192,13 @@ def test_stop_token_ends_with_finish_reason_stop(tiny):
     g = tiny_start(tiny, stop=[first[2]]).result()
     assert g.finish_reason == "stop"
     assert g.token_ids == first[:first.index(first[2]) + 1]
+    # an empty stop list really means none: the model's own eos (set here) must not sneak back in
+    saved = tiny.generation_config.eos_token_id
+    tiny.generation_config.eos_token_id = first[2]
+    try:
+        assert tiny_start(tiny, stop=[]).result().token_ids == first
+    finally:
+        tiny.generation_config.eos_token_id = saved
 
 
 def test_same_seed_same_tokens_different_seed_different(tiny):

@@ -242,8 +242,8 @@ class Capture:
         k = key[0] if key.shape[1] == self.n_kv else key[0].transpose(0, 1)
         sinks = kwargs.get("s_aux")
         scaling = kwargs.get("scaling")
-        self._current.q[layer] = _store(q[self.heads], self.dtype)
-        self._current.k[layer] = _store(k[self.kv_heads], self.dtype)
+        self._current.q[layer] = _store(q if len(self.heads) == self.n_heads else q[self.heads], self.dtype)
+        self._current.k[layer] = _store(k if len(self.kv_heads) == self.n_kv else k[self.kv_heads], self.dtype)
         self._current.attn[layer] = {
             "scaling": float(scaling if scaling is not None else getattr(module, "scaling", q.shape[-1] ** -0.5)),
             "window": _int_or_none(kwargs["sliding_window"] if "sliding_window" in kwargs

@@ -8,6 +8,8 @@ writes, `.stop()` it, or `.result()` for the finished `Generation`. Decoding is 
   runs user processors *before* its temperature/top-k/top-p warpers, so these are the model's raw
   log-probabilities, not the sampling distribution. The few built-in processors that run earlier
   (repetition penalty, n-gram blocking, min length) are switched off: `SamplingParams` alone decides.
+  Token bans a model's generation_config may carry (bad_words_ids, suppress_tokens; rare outside
+  speech models) cannot be switched off this way and would still apply before the recorder.
 - `_OnToken` (a StoppingCriteria) runs after each chosen token: records its logprob, feeds the chat parser,
   queues the deltas and ends generation when `.stop()` was called.
 
@@ -18,17 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import logging
 import math
 import queue
 import secrets
 import threading
 import time
 import weakref
-from typing import Any
 
 import torch
-from transformers import (LogitsProcessor, StoppingCriteria, TemperatureLogitsWarper, TopKLogitsWarper,
-                          TopPLogitsWarper)
+from transformers import LogitsProcessor, StoppingCriteria, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from .errors import ContextLengthError, SamplingError
 
@@ -43,7 +44,7 @@ class SamplingParams:
     seed: int | None = None
     top_alternatives: int = 5    # how many raw top-k alternatives to record per step
 
-    def validate(self) -> "SamplingParams":
+    def validate(self) -> SamplingParams:
         def is_int(x):
             return isinstance(x, int) and not isinstance(x, bool)
         t, p = self.temperature, self.top_p
@@ -101,8 +102,9 @@ class Generation:
 class _State:
     """What the generation thread shares with the two generate() plug-ins."""
 
-    def __init__(self, parser, out: queue.Queue, stop: threading.Event, k: int):
+    def __init__(self, parser, out: queue.Queue, stop: threading.Event, k: int, stop_ids, max_new_tokens: int):
         self.parser, self.out, self.stop, self.k = parser, out, stop, k
+        self.stop_ids, self.max_new_tokens = set(stop_ids), max_new_tokens
         self.logp = None                       # log_softmax of the current step's raw logits
         self.token_ids: list[int] = []
         self.chosen: list[torch.Tensor] = []   # 0-d tensors; turned into floats once, at the end
@@ -119,7 +121,7 @@ class _Recorder(LogitsProcessor):
         if not self.s.finished:
             self.s.logp = scores[0].log_softmax(-1)  # one row; the top-k keeps only k values
             if self.s.k:
-                self.s.top.append(self.s.logp.topk(self.s.k))
+                self.s.top.append(self.s.logp.topk(min(self.s.k, self.s.logp.shape[-1])))
         return scores
 
 
@@ -150,7 +152,8 @@ class _OnToken(StoppingCriteria):
             s.chosen.append(s.logp[token])
             for delta in s.parser.feed(token):
                 s.out.put(delta)
-            s.finished = s.stop.is_set()
+            # also mark our own end, in case generate() runs a step past it (deferred stop checks on mps)
+            s.finished = s.stop.is_set() or token in s.stop_ids or len(s.token_ids) >= s.max_new_tokens
         return torch.full((input_ids.shape[0],), s.finished, dtype=torch.bool, device=input_ids.device)
 
 
@@ -283,7 +286,7 @@ def generate(model, tokenizer, prompt_ids, params: SamplingParams | None = None,
 
 
 def _run(job: _Job, model, tokenizer, prompt_ids, params, parser, stop_ids) -> None:
-    state = _State(parser, job.out, job.stop, params.top_alternatives)
+    state = _State(parser, job.out, job.stop, params.top_alternatives, stop_ids, params.max_new_tokens)
     processors = [_Recorder(state)]
     if params.temperature > 0:
         if params.temperature != 1.0:
@@ -320,7 +323,7 @@ def _run(job: _Job, model, tokenizer, prompt_ids, params, parser, stop_ids) -> N
             try:
                 callback()
             except Exception:  # a failing callback must not hide the generation's outcome
-                pass
+                logging.getLogger(__name__).exception("on_finish callback failed")
         job.out.put(_END)
 
 
@@ -331,7 +334,7 @@ def _build(s: _State, tokenizer, prompt_ids, params, stop_ids, t0, error) -> Gen
         reason = "error"
     elif ids and ids[-1] in stop_ids:
         reason = "stop"
-    elif s.stop.is_set():
+    elif len(ids) < params.max_new_tokens and s.stop.is_set():
         reason = "stopped"
     else:
         reason = "length"
