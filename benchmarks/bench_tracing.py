@@ -7,9 +7,11 @@
 3. Bytes of a gpt-oss-20b trace at 4,096 tokens computed from its config, vs every fp32 pattern (~51 GB).
 
 Repetitions are interleaved (plain, traced, plain, traced, ...) so load from other processes hits both alike;
-the figure is the median of per-pair ratios. Results go to benchmarks/results.json under "tracing".
+the figure is the median of per-pair ratios of CPU time (wall-time ratios are recorded too). On a shared
+machine, torch runs one thread here (--threads): idle OpenMP threads spin and inflate both measures
+unevenly when other processes compete for the cores. Results go to benchmarks/results.json under "tracing".
 
-    python benchmarks/bench_tracing.py [--reps 5]
+    python benchmarks/bench_tracing.py [--reps 7] [--threads 1]
 """
 from __future__ import annotations
 
@@ -138,7 +140,9 @@ def sizes_20b() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     out = {"routing": bench_routing(args.reps), "attention": bench_attention(args.reps), "gpt_oss_20b_4096": sizes_20b(),
            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",

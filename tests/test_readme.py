@@ -1,0 +1,30 @@
+"""The README's offline quickstart runs exactly as written."""
+import pathlib
+import re
+
+import pytest
+
+README = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+
+
+def _python_blocks():
+    return re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+def test_readme_names_the_test_command_ci_runs():
+    ci = (pathlib.Path(__file__).parent.parent / ".ci" / "run").read_text()
+    assert "bash scripts/test.sh" in README and "bash scripts/test.sh" in ci
+
+
+def test_quickstart_plan_line_runs_offline():
+    quickstart = _python_blocks()[0]
+    first_lines = "\n".join(quickstart.splitlines()[:2])  # import + wb.plan: no download needed
+    exec(compile(first_lines, "README quickstart", "exec"), {})
+
+
+@pytest.mark.slow
+def test_offline_quickstart_runs_as_written(smollm2_dir):
+    offline = next(b for b in _python_blocks() if "default_model" in b)
+    namespace = {}
+    exec(compile("import workbench as wb\n" + offline, "README offline quickstart", "exec"), namespace)
+    assert "Paris" in namespace["g"].text
