@@ -7,7 +7,7 @@
 """
 from . import errors
 from .adapters import ADAPTERS, Adapter, adapter_for
-from .errors import (BusyError, ContextLengthError, DoesNotFitError, ModelNotFoundError, NotACausalLMError,
+from .errors import (BusyError, ChatError, ContextLengthError, DoesNotFitError, ModelNotFoundError, NotACausalLMError,
                      PresetError, SamplingError, WorkbenchError)
 from .loading import default_model, load
 from .planning import plan, plan_all

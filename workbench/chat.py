@@ -11,11 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from .errors import WorkbenchError
-
-
-class ChatError(WorkbenchError, ValueError):
-    """Invalid chat input, or a chat feature the tokenizer/model does not support."""
+from .errors import ChatError
 
 
 HARMONY_TOKENS = ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>")

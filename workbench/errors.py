@@ -31,3 +31,7 @@ class SamplingError(WorkbenchError, ValueError):
 
 class BusyError(WorkbenchError, RuntimeError):
     """A generation is already running on this session."""
+
+
+class ChatError(WorkbenchError, ValueError):
+    """Malformed chat messages, a bad reasoning effort, or a tokenizer without a chat template."""

@@ -10,7 +10,7 @@ import torch
 from . import hardware, planning, sources
 from .adapters import adapter_for
 from .errors import PresetError
-from .presets import PRESETS, Preset, get_preset
+from .presets import Preset, get_preset
 from .report import LoadReport, WarningCollector, actual_quantization, measure
 from .session import Session
 

@@ -8,17 +8,16 @@ with the free memory of the devices here.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import html
 from typing import Any
 
-from torch import nn
-
 from . import hardware, sources
 from .adapters import adapter_for
 from .errors import DoesNotFitError, ModelNotFoundError, PresetError
-from .presets import BYTES_PER_QUANTIZED_VALUE, PRESETS, Preset, get_preset
+from .memory import (Param, activation_bytes, dtype_bytes, kv_cache_bytes, layer_windows,  # noqa: F401 (re-exported)
+                     param_bytes, skeleton)
+from .presets import PRESETS, Preset, get_preset
 
 GROUPS = ("experts", "router", "attention", "embeddings", "other")
 
@@ -29,132 +28,6 @@ OVERHEAD_FIXED_BYTES = 512 * 2**20
 COMFORT_FRACTION = 0.8
 KV_REFERENCE_TOKENS = 1000  # kv_bytes_per_1k_tokens is for 1,000 tokens
 BNB_PRESETS = ("int8", "nf4")
-
-
-# ---- the skeleton: parameters, their groups, and what each quantizer could touch ------------------
-@dataclasses.dataclass(frozen=True)
-class _Param:
-    name: str
-    numel: int
-    group: str
-    kind: str  # "expert3d": a fused 3-D expert tensor; "linear": an nn.Linear weight bnb converts; "plain"
-    rows: int = 0  # output rows of a converted Linear weight (LLM.int8 keeps one fp32 scale per row)
-
-
-_SKELETONS: dict[str, tuple[_Param, ...]] = {}
-
-
-def _skeleton(config: Any, trust_remote_code: bool = False) -> tuple[_Param, ...]:
-    """Every parameter of the model, from a meta-device build (cached per config)."""
-    key = config.to_json_string()
-    if key not in _SKELETONS:
-        _SKELETONS[key] = _count(_build_meta_model(config, trust_remote_code), config)
-    return _SKELETONS[key]
-
-
-def _build_meta_model(config: Any, trust_remote_code: bool) -> nn.Module:
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    try:  # skipping the (meta) random init saves most of the build time
-        from transformers.initialization import no_init_weights
-    except ImportError:
-        no_init_weights = contextlib.nullcontext
-    with init_empty_weights(include_buffers=True), no_init_weights():
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-
-
-def _count(model: nn.Module, config: Any) -> tuple[_Param, ...]:
-    adapter, _ = adapter_for(config)
-    skip = _bnb_skipped_modules(model)
-    modules = dict(model.named_modules())
-    params = []
-    for name, p in model.named_parameters():  # tied weights appear once
-        owner_name, _, leaf = name.rpartition(".")
-        group = adapter.group_of(name)
-        kind, rows = "plain", 0
-        if p.dim() == 3 and group == "experts":
-            kind = "expert3d"
-        elif leaf == "weight" and _bnb_converts(modules[owner_name], owner_name, skip):
-            kind, rows = "linear", _out_rows(modules[owner_name])
-        params.append(_Param(name, p.numel(), group, kind, rows))
-    return tuple(params)
-
-
-def _bnb_skipped_modules(model: nn.Module) -> list[str]:
-    """The modules transformers' bitsandbytes quantizer leaves alone by default (lm_head, tied weights, ...)."""
-    from transformers.quantizers.base import get_keys_to_not_convert
-
-    return get_keys_to_not_convert(model) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
-
-
-def _bnb_converts(module: nn.Module, module_name: str, skip: list[str]) -> bool:
-    """Mirrors replace_with_bnb_linear: exactly nn.Linear (or GPT-2's Conv1D), unless skipped."""
-    from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    return (type(module) is nn.Linear or isinstance(module, Conv1D)) and should_convert_module(module_name, skip)
-
-
-def _out_rows(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.weight.shape[1]  # Conv1D is [in, out]
-
-
-# ---- bytes per parameter under a preset -----------------------------------------------------
-def _dtype_bytes(preset: Preset) -> int:
-    return preset.dtype.itemsize
-
-
-def _param_bytes(p: _Param, preset: Preset) -> tuple[float, bool]:
-    """(bytes, quantized?) for one parameter stored under `preset` on a machine where it runs natively."""
-    q, plain = preset.quantization, p.numel * _dtype_bytes(preset)
-    if q == "mxfp4" and p.group == "experts":
-        if p.kind == "expert3d":
-            return p.numel * BYTES_PER_QUANTIZED_VALUE["mxfp4"], True
-        return p.numel * 4, False  # Mxfp4GptOssExperts keeps the expert biases in float32
-    if q == "bnb-int8" and p.kind == "linear":
-        return p.numel * BYTES_PER_QUANTIZED_VALUE["bnb-int8"] + p.rows * 4, True
-    if q == "bnb-nf4" and p.kind == "linear":
-        return p.numel * BYTES_PER_QUANTIZED_VALUE["bnb-nf4"], True
-    return plain, False
-
-
-# ---- KV cache and activations ------------------------------------------------------------
-def _text_config(config: Any) -> Any:
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def layer_windows(config: Any) -> list[int | None]:
-    """Per layer, the sliding window that caps its KV cache (None: the layer keeps every token)."""
-    text = _text_config(config)
-    n, window = text.num_hidden_layers, getattr(text, "sliding_window", None)
-    layer_types = getattr(text, "layer_types", None)
-    if layer_types:
-        return [window if t == "sliding_attention" else None for t in layer_types[:n]]
-    if window and getattr(text, "use_sliding_window", True):
-        return [window] * n
-    return [None] * n
-
-
-def kv_cache_bytes(config: Any, tokens: int, dtype_bytes: int = 2, batch_size: int = 1) -> int:
-    """Bytes of keys and values for `tokens` tokens: 2 x kv_heads x head_dim x dtype per layer and token,
-    each sliding-window layer capped at its window."""
-    text = _text_config(config)
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    per_token = 2 * kv_heads * head_dim * dtype_bytes
-    return batch_size * sum(per_token * min(tokens, w or tokens) for w in layer_windows(config))
-
-
-def activation_bytes(config: Any, tokens: int, dtype_bytes: int, batch_size: int = 1) -> int:
-    """Peak working memory of one prefill over `tokens`: one layer's eager attention scores (float32 scores
-    and probabilities in the compute dtype; gpt-oss runs eager attention) plus the logits of the last
-    position (generate keeps only those; a trace's full logits are counted by the trace budget)."""
-    text = _text_config(config)
-    logits = text.vocab_size * 4
-    scores = text.num_attention_heads * tokens * tokens * (4 + dtype_bytes)
-    return batch_size * (logits + scores)
 
 
 # ---- the plan --------------------------------------------------------------------------
@@ -279,7 +152,7 @@ class _Context:
     """Everything a plan needs that does not depend on the preset."""
 
     source: sources.Source
-    params: tuple[_Param, ...]
+    params: tuple[Param, ...]
     devices: list[hardware.Device]
     context_tokens: int
     batch_size: int
@@ -293,7 +166,7 @@ class _Context:
 def _context(model: Any, context_tokens: int, batch_size: int, devices: list[hardware.Device] | None,
              trust_remote_code: bool) -> _Context:
     source = _resolve_for_planning(model, trust_remote_code)
-    params = _skeleton(source.config, trust_remote_code)
+    params = skeleton(source.config, trust_remote_code)
     return _Context(source, params, list(devices) if devices is not None else hardware.devices(),
                     context_tokens, batch_size, trust_remote_code)
 
@@ -372,7 +245,7 @@ def _count_bytes(ctx: _Context, preset: Preset) -> tuple[dict[str, int], dict[st
     bytes_by_group = dict.fromkeys(GROUPS, 0.0)
     quantized = set()
     for p in ctx.params:
-        nbytes, was_quantized = _param_bytes(p, preset)
+        nbytes, was_quantized = param_bytes(p, preset)
         params_by_group[p.group] += p.numel
         bytes_by_group[p.group] += nbytes
         if was_quantized:
@@ -392,16 +265,16 @@ def _make_plan(ctx: _Context, preset: Preset) -> Plan:
     params_by_group, bytes_by_group, quantized = _count_bytes(ctx, preset)
     total = sum(bytes_by_group.values())
     bf16_total = 2 * sum(params_by_group.values())  # what a dequantizing fallback allocates
-    dtype_bytes = _dtype_bytes(preset)
+    value_bytes = dtype_bytes(preset)
     plan = Plan(
         model=ctx.source.name, preset=preset.name, source_note=ctx.source.note,
         dtype=str(preset.dtype).replace("torch.", ""),
         params_by_group=params_by_group, bytes_by_group=bytes_by_group, quantized_groups=quantized,
         total_bytes=total, fallback=fallback, fallback_bytes=bf16_total if fallback else None,
-        kv_bytes_per_1k_tokens=kv_cache_bytes(config, KV_REFERENCE_TOKENS, dtype_bytes),
-        kv_bytes=kv_cache_bytes(config, ctx.context_tokens, dtype_bytes, ctx.batch_size),
+        kv_bytes_per_1k_tokens=kv_cache_bytes(config, KV_REFERENCE_TOKENS, value_bytes),
+        kv_bytes=kv_cache_bytes(config, ctx.context_tokens, value_bytes, ctx.batch_size),
         context_tokens=ctx.context_tokens, batch_size=ctx.batch_size,
-        activation_bytes=activation_bytes(config, ctx.context_tokens, dtype_bytes, ctx.batch_size),
+        activation_bytes=activation_bytes(config, ctx.context_tokens, value_bytes, ctx.batch_size),
         overhead_bytes=int(OVERHEAD_FRACTION * (bf16_total if fallback else total)) + OVERHEAD_FIXED_BYTES,
         placement=preset.device, target="", fits={}, free_bytes={}, fits_target=False,
         notes=notes + _quantization_notes(ctx, preset, params_by_group, set(quantized)),
