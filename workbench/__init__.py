@@ -4,14 +4,17 @@
     wb.plan("openai/gpt-oss-20b", preset="mxfp4")   # memory before any download
     s = wb.load("openai/gpt-oss-20b", preset="auto")
     g = s.chat("Why is the sky blue?", reasoning_effort="low")
+    t = s.trace(g)                                   # routing + attention (with sinks) of that conversation
 """
 from . import errors
 from .adapters import ADAPTERS, Adapter, adapter_for
-from .errors import (BusyError, ChatError, ContextLengthError, DoesNotFitError, ModelNotFoundError, NotACausalLMError,
-                     PresetError, SamplingError, WorkbenchError)
+from .errors import (BusyError, CaptureBudgetError, CaptureError, ChatError, ContextLengthError, DoesNotFitError,
+                     ModelNotFoundError, NotACausalLMError, PresetError, SamplingError, TraceFileError,
+                     TraceModelMismatchError, WorkbenchError)
 from .loading import default_model, load
 from .planning import plan, plan_all
 from .presets import PRESET_NAMES, PRESETS
 from .session import Session
+from .tracing import Trace, trace
 
 __version__ = "0.1.0"

@@ -31,6 +31,7 @@ class Adapter:
     routing: str | None = None
     renormalize: bool | str = False  # True, False, or a config key (e.g. "norm_topk_prob")
     router_has_bias: bool = False
+    weights_in_logits_dtype: bool = False  # Qwen-MoE/OLMoE cast top-k weights back to the logits' dtype
     has_sinks: bool = False  # learned attention-sink logit per head (gpt-oss)
     harmony: bool = False  # speaks the harmony chat format
     shared_expert: str | None = None  # attribute of the MLP holding an always-on expert (Qwen2-MoE)
@@ -102,6 +103,8 @@ class Adapter:
             weights, indices = torch.topk(probs, k, dim=-1)
             if self.renormalizes(config):
                 weights = weights / weights.sum(dim=-1, keepdim=True)
+            if self.weights_in_logits_dtype:
+                weights = weights.to(router_logits.dtype)
         else:
             raise ValueError(f"{self.family} is not a routed (MoE) architecture")
         return indices, weights
@@ -134,14 +137,14 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter(
         family="qwen-moe", model_types=("qwen2_moe", "qwen3_moe"), router="gate", experts="experts",
         num_experts_key="num_experts", top_k_key="num_experts_per_tok", routing="softmax_topk",
-        renormalize="norm_topk_prob", shared_expert="shared_expert",
+        renormalize="norm_topk_prob", shared_expert="shared_expert", weights_in_logits_dtype=True,
         groups=(("experts", r"\.experts\.|\.shared_expert\."),) + LLAMA_LIKE.groups[1:],
         note="Qwen2-MoE adds an always-on shared expert, counted with the experts",
     ),
     Adapter(
         family="olmoe", model_types=("olmoe",), router="gate", experts="experts",
         num_experts_key="num_experts", top_k_key="num_experts_per_tok", routing="softmax_topk",
-        renormalize="norm_topk_prob",
+        renormalize="norm_topk_prob", weights_in_logits_dtype=True,
     ),
     LLAMA_LIKE,
 )

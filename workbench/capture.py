@@ -29,14 +29,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from .adapters import Adapter
-from .errors import WorkbenchError
+from .errors import CaptureError
 
 WHAT = ("routing", "attention", "residuals")
 _names = itertools.count()
-
-
-class CaptureError(WorkbenchError, ValueError):
-    """A capture request that cannot work (unknown part, bad layer or head, batch larger than one)."""
 
 
 @dataclasses.dataclass

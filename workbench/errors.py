@@ -35,3 +35,19 @@ class BusyError(WorkbenchError, RuntimeError):
 
 class ChatError(WorkbenchError, ValueError):
     """Malformed chat messages, a bad reasoning effort, or a tokenizer without a chat template."""
+
+
+class CaptureBudgetError(WorkbenchError, MemoryError):
+    """A trace would need more memory than its budget; the message names cheaper requests."""
+
+
+class TraceFileError(WorkbenchError, ValueError):
+    """A .wbtrace file that cannot be read: not a trace, truncated, incomplete, or from another version."""
+
+
+class TraceModelMismatchError(WorkbenchError, ValueError):
+    """A trace used with a model other than the one it was recorded from."""
+
+
+class CaptureError(WorkbenchError, ValueError):
+    """A capture request that cannot work (unknown part, bad layer or head, batch larger than one)."""

@@ -1,6 +1,7 @@
 """A loaded model and everything needed to talk to it and look inside it."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from typing import Any
@@ -57,6 +58,38 @@ class Session:
     def chat(self, prompt, **kwargs) -> "generation.Generation":
         """Generate a whole answer; returns a Generation (text, channels, token ids, logprobs, alternatives)."""
         return self.stream(prompt, **kwargs).result()
+
+    def trace(self, inputs, *, what=None, layers=None, heads=None, budget="2GB", dtype=None) -> "tracing.Trace":
+        """One forward over a Generation, text, chat messages or token ids, recording routing/attention/residuals.
+
+        Tracing a Generation replays prompt + completion in a single forward: by causality every token
+        sees exactly what it saw while being generated.
+        """
+        from . import tracing
+
+        with self._exclusive("tracing"):
+            return tracing.trace(self.model, self.tokenizer, self.adapter, inputs, what=what, layers=layers,
+                                 heads=heads, budget=budget, dtype=dtype, preset=self.report.preset)
+
+    @contextlib.contextmanager
+    def capture(self, *, what=None, layers=None, heads=None, dtype=None, budget=None):
+        """`with s.capture(...) as cap: s.model(...)`, then `cap.trace(s.tokenizer)`."""
+        from .capture import capture
+
+        with self._exclusive("capturing"), capture(self.model, self.adapter, what=what, layers=layers, heads=heads,
+                                                   dtype=dtype, budget=budget) as cap:
+            yield cap
+
+    @contextlib.contextmanager
+    def _exclusive(self, doing: str):
+        # A capture switches the model's attention implementation: a generation running meanwhile would
+        # go through it (and be recorded), so the two never overlap.
+        if not self._busy.acquire(blocking=False):
+            raise BusyError(f"a generation is running on this session: stop it or wait before {doing}")
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     def __repr__(self) -> str:
         return f"Session({self.report.model!r}, preset={self.report.preset!r}, adapter={self.adapter.family!r})"

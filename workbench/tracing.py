@@ -26,22 +26,10 @@ import torch
 
 from .adapters import Adapter, adapter_for
 from .capture import Capture, CaptureError, Record, capture, resolve_indices
-from .errors import WorkbenchError
+from .errors import CaptureBudgetError, TraceFileError, TraceModelMismatchError
 
 FORMAT, VERSION = "workbench-trace", 1
 _QUERY_BLOCK = 256
-
-
-class CaptureBudgetError(WorkbenchError, MemoryError):
-    """A trace would need more memory than its budget; the message names cheaper requests."""
-
-
-class TraceFileError(WorkbenchError, ValueError):
-    """A .wbtrace file that cannot be read: not a trace, truncated, incomplete, or from another version."""
-
-
-class TraceModelMismatchError(WorkbenchError, ValueError):
-    """A trace used with a model other than the one it was recorded from."""
 
 
 # ---- budgets ----------------------------------------------------------------------------------------

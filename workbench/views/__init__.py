@@ -1,0 +1,1 @@
+"""Views: plotly figures and ipywidgets on top of generations and traces."""
