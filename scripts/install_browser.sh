@@ -9,8 +9,10 @@ if [[ ! -x /usr/bin/chromium ]]; then
   if command -v apt-get >/dev/null 2>&1; then
     SUDO=""
     [[ "$(id -u)" -ne 0 ]] && SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium
+    # not fatal: without chromium the browser test skips and says why
+    { $SUDO apt-get update -qq &&
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium; } ||
+      echo "install_browser.sh: could not install chromium (the browser test will skip)" >&2
   else
     echo "install_browser.sh: no apt-get here; install Chromium yourself (the browser test skips without it)" >&2
   fi

@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 source "${VENV:-.venv}/bin/activate"
+bash scripts/install_browser.sh   # Debian chromium for the real-browser widget test
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec python -m pytest -ra "$@"

@@ -277,6 +277,21 @@ def test_inspector_degrades_without_a_trace(w, gpt_oss, monkeypatch):
     assert "too big for the budget" in w.inspector.trace_note.value
 
 
+def test_inspector_waits_for_a_running_generation(w, gpt_oss):
+    w.generate("Hi")
+    w.wait(timeout=60)
+    with scripted(gpt_oss, delay=0.02):
+        run = gpt_oss.stream("elsewhere", max_new_tokens=200)  # another cell generating on the session
+        try:
+            w.inspector.select_token(0)
+            assert w.inspector.trace is None and "BusyError" in w.inspector.trace_note.value
+        finally:
+            run.stop()
+            run.result()
+    w.inspector.select_token(1)  # tried again once the session is free
+    assert w.inspector.trace is not None and w.inspector.trace_note.value == ""
+
+
 def test_plain_model_hides_reasoning(tiny_checkpoint):
     s = wb.load(str(tiny_checkpoint("mixtral")), preset="cpu")
     w = widget(s, temperature=0.0, max_new_tokens=8, reasoning_effort="low")

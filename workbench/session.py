@@ -91,6 +91,12 @@ class Session:
         finally:
             self._busy.release()
 
+    def widget(self, **defaults):
+        """An ipywidgets generation widget with a token inspector (see workbench.widget)."""
+        from .widget import widget
+
+        return widget(self, **defaults)
+
     def __repr__(self) -> str:
         return f"Session({self.report.model!r}, preset={self.report.preset!r}, adapter={self.adapter.family!r})"
 

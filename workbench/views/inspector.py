@@ -20,6 +20,8 @@ import ipywidgets as widgets
 import plotly.graph_objects as go
 import plotly.io as pio
 
+from ..errors import BusyError
+
 PAGE_SIZE = 64
 MEAN = "mean"  # the head dropdown's "average over heads" choice
 
@@ -218,19 +220,13 @@ class TokenInspector(widgets.VBox):
         if self._traced is g or self.session is None:
             return
         self._traced, self.trace, self.trace_error = g, None, None
-        s = self.session
-        # Capture hooks are global on the model: never trace while a generation runs on it.
-        if not s._busy.acquire(blocking=False):
-            self._traced, self.trace_error = None, "a generation is running on this session: select again after it"
-        else:
-            try:
-                self.trace_note.value = "<i style='color:#888'>tracing the conversation…</i>"
-                from .. import tracing
-                self.trace = tracing.trace(s.model, s.tokenizer, s.adapter, g, budget=self.trace_budget)
-            except Exception as e:  # budget, capture, unsupported model: say it, keep the alternatives
-                self.trace_error = f"{type(e).__name__}: {e}"
-            finally:
-                s._busy.release()
+        try:
+            self.trace_note.value = "<i style='color:#888'>tracing the conversation…</i>"
+            # Session.trace refuses (BusyError) while a generation runs: capture and generation never overlap
+            self.trace = self.session.trace(g, budget=self.trace_budget)
+        except Exception as e:  # busy, budget, capture, unsupported model: say it, keep the alternatives
+            self._traced = None if isinstance(e, BusyError) else g  # busy: try again on the next click
+            self.trace_error = f"{type(e).__name__}: {e}"
         t = self.trace
         if t is not None and t.layers:
             self._quiet = True

@@ -1,0 +1,106 @@
+"""What every view shares: index checks with errors that name the valid range, token windows for long
+traces, the colour scales, and the title/subtitle layout."""
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+from ..errors import CaptureError
+
+# One colour language across views: probabilities and weights in blue on a fixed 0..1 range (so two
+# figures can be compared by eye), entropies in viridis from 0 bits, counts in blue from 0.
+PROBABILITY = dict(colorscale="Blues", zmin=0.0, zmax=1.0)
+ENTROPY = dict(colorscale="Viridis", zmin=0.0)
+COUNT = dict(colorscale="Blues", zmin=0.0)
+
+MAX_TOKENS = 256  # token axes longer than this are windowed (last MAX_TOKENS by default)
+
+
+def span(xs: list[int]) -> str:
+    """[0, 1, 2, 3] -> '0..3'; anything else as a list."""
+    if len(xs) > 2 and xs == list(range(xs[0], xs[-1] + 1)):
+        return f"{xs[0]}..{xs[-1]}"
+    return str(list(xs))
+
+
+def pick(value, valid: list[int], what: str, where: str) -> int:
+    """`value` if it is one of `valid` (negative values count from the end), else a CaptureError naming them."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CaptureError(f"{what} must be an integer, not {value!r}: {where} has {what}s {span(valid)}.")
+    if value < 0 and valid and -len(valid) <= value:
+        value = valid[value]
+    if value not in valid:
+        raise CaptureError(f"{what} {value} is out of range: {where} has {what}s {span(valid)}.")
+    return value
+
+
+def attention_layer(t, layer) -> int:
+    if "attention" not in t.meta["what"]:
+        raise CaptureError("this trace has no attention: trace with what=['attention'] (plus anything else).")
+    return pick(layer, t.layers, "layer", "this trace's attention")
+
+
+def attention_head(t, head) -> int:
+    return pick(head, t.heads, "head", "this trace's attention")
+
+
+def has_sinks(t, layer: int) -> bool:
+    """Whether `layer` has learned attention sinks (gpt-oss): the trace keeps their logits beside q and k."""
+    return f"sinks.{layer}" in t._t
+
+
+def routing(t):
+    """t.routing, or an error saying why there is none and how to get it."""
+    if t.routing is not None:
+        return t.routing
+    if "routing" in t.meta["what"]:
+        raise CaptureError(f"this trace has no routing: {t.meta.get('model') or 'the model'} is a dense model "
+                           f"(family {t.meta.get('family')!r}), with no experts to route to.")
+    raise CaptureError("this trace has no routing: it is a dense model / routing was not captured; "
+                       "trace with what=['routing'].")
+
+
+def routing_layer(t, layer) -> int:
+    """A model layer index that has routing, as the row into t.routing tensors."""
+    r = routing(t)
+    return r.layers.index(pick(layer, r.layers, "layer", "this trace's routing (MoE layers)"))
+
+
+def num_experts(t) -> int:
+    return int(routing(t).logits.shape[-1])
+
+
+def window(n: int, window=None, default: int = MAX_TOKENS, unit: str = "tokens") -> tuple[int, int, str]:
+    """(start, stop, note) of the token positions to show out of `n`.
+
+    window: None (everything up to `default` tokens, else the last `default`), an int w (the last w), or
+    (start, stop) as in a slice. note is "" when everything is shown, else "showing tokens 1744–1999 of 2000".
+    """
+    if window is None:
+        start, stop = max(0, n - default), n
+    elif isinstance(window, int) and not isinstance(window, bool):
+        if window < 1:
+            raise CaptureError(f"window={window}: give a positive number of {unit} (or a (start, stop) pair).")
+        start, stop = max(0, n - window), n
+    else:
+        try:
+            start, stop = (int(v) for v in window)
+        except (TypeError, ValueError):
+            raise CaptureError(f"window={window!r}: give a number of {unit} or a (start, stop) pair.") from None
+        start, stop, _ = slice(start, stop).indices(n)
+        if stop <= start:
+            raise CaptureError(f"window={window!r} selects no {unit}: this trace has {unit} 0..{n - 1}.")
+    note = "" if (start, stop) == (0, n) else f"showing {unit} {start}–{stop - 1} of {n}"
+    return start, stop, note
+
+
+def title(fig: go.Figure, text: str, *notes: str) -> go.Figure:
+    """Set the title; non-empty notes go underneath as a subtitle (what is windowed, how to read it)."""
+    sub = " · ".join(n for n in notes if n)
+    fig.update_layout(title=dict(text=text, subtitle=dict(text=sub) if sub else None, x=0.0, xanchor="left"),
+                      margin=dict(t=90 if sub else 60))
+    return fig
+
+
+def axis_height(rows: int, lo: int = 420, hi: int = 900, per_row: int = 14) -> int:
+    """A figure height that gives each categorical row room for its label, within [lo, hi] pixels."""
+    return max(lo, min(hi, 160 + per_row * rows))
