@@ -8,6 +8,8 @@
   input and recomputes the router logits with the router's own arithmetic (`F.linear(x, weight, bias)`,
   same dtype and device), then `adapter.route` derives experts and weights. Under mxfp4 the MLP never
   calls its router module, so hooks on the router would never fire; this way works on every path.
+  Inside an intervention (workbench/interventions.py) the logits are first changed the way the model's
+  are, so the recorded logits, experts and weights are the ones the model really used.
 - Attention goes through transformers' AttentionInterface: a function registered under a private name
   records the post-RoPE query and key (T*d per head instead of T*T) plus what the mask needs (sliding
   window, sinks, scaling, softcap), then calls the model's own implementation and returns its result
@@ -30,6 +32,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from .adapters import Adapter
 from .errors import CaptureError
+from .interventions import transform_router_logits
 
 WHAT = ("routing", "attention", "residuals")
 _names = itertools.count()
@@ -219,6 +222,7 @@ class Capture:
             x = args[0] if args else kwargs["hidden_states"]
             with torch.no_grad():
                 logits = F.linear(x.reshape(-1, x.shape[-1]), weight, bias)  # the router's own arithmetic
+                logits = transform_router_logits(module, logits)  # as active interventions change it
                 indices, weights = self.adapter.route(logits, self.config)
             self._current.logits[layer] = logits.detach().to("cpu", torch.float32)
             self._current.indices[layer] = indices.detach().to("cpu", torch.int64)

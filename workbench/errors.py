@@ -51,3 +51,7 @@ class TraceModelMismatchError(WorkbenchError, ValueError):
 
 class CaptureError(WorkbenchError, ValueError):
     """A capture request that cannot work (unknown part, bad layer or head, batch larger than one)."""
+
+
+class InterventionError(WorkbenchError, ValueError):
+    """An intervention that cannot work: a layer, expert or head that does not exist, or a model without sinks."""

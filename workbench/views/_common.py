@@ -3,7 +3,9 @@ traces, the colour scales, and the title/subtitle layout."""
 from __future__ import annotations
 
 import plotly.graph_objects as go
+import torch
 
+from ..adapters import ADAPTERS
 from ..errors import CaptureError
 
 # One colour language across views: probabilities and weights in blue on a fixed 0..1 range (so two
@@ -33,9 +35,13 @@ def pick(value, valid: list[int], what: str, where: str) -> int:
     return value
 
 
-def attention_layer(t, layer) -> int:
-    if "attention" not in t.meta["what"]:
+def need_attention(t) -> None:
+    if "attention" not in t.meta["what"] or not t.layers:
         raise CaptureError("this trace has no attention: trace with what=['attention'] (plus anything else).")
+
+
+def attention_layer(t, layer) -> int:
+    need_attention(t)
     return pick(layer, t.layers, "layer", "this trace's attention")
 
 
@@ -48,15 +54,31 @@ def has_sinks(t, layer: int) -> bool:
     return f"sinks.{layer}" in t._t
 
 
+def head_sink_mass(t, layer: int, head: int):
+    """[tokens] sink mass of one head; the same numbers as t.sink_mass[layer, head] without computing every
+    head of every layer first (t.sink_mass does that, and caches it)."""
+    if t._sink_mass is not None:
+        return t._sink_mass[t.layers.index(layer), t.heads.index(head)]
+    return torch.cat([sink[0] for *_, sink in t._blocks(layer, [head])])
+
+
+def attention_blocks(t, layer: int):
+    """Yield (query start, probs [heads, queries, keys], sink [heads, queries] or None) for every head of
+    `layer`, one block of queries at a time: memory stays one block, even for 2,000 tokens x 64 heads."""
+    for a, _, _, probs, sink in t._blocks(layer, t.heads):
+        yield a, probs, sink
+
+
 def routing(t):
     """t.routing, or an error saying why there is none and how to get it."""
     if t.routing is not None:
         return t.routing
-    if "routing" in t.meta["what"]:
-        raise CaptureError(f"this trace has no routing: {t.meta.get('model') or 'the model'} is a dense model "
-                           f"(family {t.meta.get('family')!r}), with no experts to route to.")
-    raise CaptureError("this trace has no routing: it is a dense model / routing was not captured; "
-                       "trace with what=['routing'].")
+    name = t.meta.get("model") or "this model"
+    if any(a.family == t.meta.get("family") and not a.is_moe for a in ADAPTERS):
+        raise CaptureError(f"this trace has no routing: {name} is a dense model (no experts to route to). "
+                           f"Routing views need a mixture-of-experts model traced with what=['routing'].")
+    raise CaptureError("this trace has no routing: routing was not captured; trace with what=['routing'] "
+                       "(plus anything else).")
 
 
 def routing_layer(t, layer) -> int:

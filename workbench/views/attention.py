@@ -52,7 +52,7 @@ def attention_heatmap(t, layer: int, head: int, *, window=None) -> go.Figure:
     sinks = c.has_sinks(t, layer)
     if sinks:
         x = x + [SINK]
-        columns.append(t.sink_mass[t.layers.index(layer), t.heads.index(head), start:stop, None])
+        columns.append(c.head_sink_mass(t, layer, head)[start:stop, None])
     z = torch.cat(columns, dim=1).tolist()
 
     fig = go.Figure(go.Heatmap(

@@ -1,0 +1,447 @@
+"""Interventions: change what the model computes inside a `with` block, and nothing after it.
+
+    with ablate_experts(s, {3: [7, 12]}):       # layer -> experts never chosen
+        g = s.chat("...")
+    with force_experts(s, {3: [0, 1, 2, 3]}):   # exactly top-k experts, chosen for every token
+    with steer_experts(s, {3: {7: +2.0}}):      # added to those experts' router logits
+    with ablate_heads(s, {5: [0, 3]}):          # those heads' outputs zeroed before o_proj
+    with scale_sinks(s, {5: 0.0}):              # gpt-oss attention-sink logits multiplied by a factor
+
+Each one is a context manager that can be nested with any other (and with `s.trace` / `s.capture`),
+re-entered later, and always undoes itself on exit, also through an exception: afterwards the model
+gives bit-identical logits to before.
+
+Routing: every routing intervention is a transform of one layer's router logits, applied before the
+model routes, so the model's own arithmetic turns the changed logits into experts and weights:
+
+- ablate: the ablated experts' logits become -inf. Top-k then picks among the others; softmax-first
+  routers (Mixtral, Qwen, OLMoE) spread the probability over the remaining experts only, and the
+  top-k weights are renormalised exactly as the model renormalises (sum 1 for gpt-oss, Mixtral and
+  norm_topk_prob models; without norm_topk_prob the model does not renormalise, and neither do we).
+- force: every logit except the forced experts' becomes -inf, so exactly those k experts are chosen;
+  their weights are the model's own weighting over their (unchanged) logits: gpt-oss, softmax over
+  the k forced logits; softmax-first routers, the softmax over the forced logits (then the model's
+  renormalisation, a no-op there).
+- steer: the given amounts are added to those experts' logits (in the logits' dtype).
+
+Where the logits are changed: the routed MLP's forward is wrapped, for the duration, in a
+TorchFunctionMode that intercepts the one `F.linear` whose weight is the router's weight and applies
+the transforms to its result. That is the router's computation on every path: inside the router
+module (gpt-oss plain path, Mixtral, Qwen-MoE, OLMoE: `self.router(...)` / `self.gate(...)`) and
+inside transformers' `Mxfp4GptOssMLP.forward`, which computes `F.linear(x, router.weight, router.bias)`
+itself and never calls the router module (router hooks would never fire there). An MLP forward that
+did not go through such an F.linear raises InterventionError instead of silently doing nothing.
+The transforms are also listed on the MLP module (`_workbench_router_transforms`), and the capture
+(workbench/capture.py) applies them when it recomputes routing from the MLP input, so a trace taken
+inside an intervention records the logits, experts and weights the model really used.
+
+Heads: a forward pre-hook on the attention's `o_proj` zeroes the input slices
+[h*head_dim, (h+1)*head_dim) of the ablated heads (on a copy: the model's tensors are never written).
+
+Sinks: the attention module's `sinks` Parameter is replaced by a new Parameter holding
+`sinks * factor` and the original Parameter object itself is put back on exit (it is never written,
+so restoring is exact). Offloaded (meta) sinks are refused: accelerate would reload the original.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .errors import BusyError, InterventionError
+
+_TRANSFORMS = "_workbench_router_transforms"  # attribute of a routed MLP: the active logit transforms
+
+
+# ---- the registry the capture reads ------------------------------------------------------------------
+class LogitTransform:
+    """One change to a layer's router logits: `fn(logits [tokens, experts]) -> logits`, out of place."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], blocked: set[int], label: str):
+        self.fn, self.blocked, self.label = fn, frozenset(blocked), label  # blocked: experts set to -inf
+
+    def __repr__(self) -> str:
+        return f"LogitTransform({self.label})"
+
+
+def router_transforms(mlp: nn.Module) -> list[LogitTransform]:
+    """The routing transforms active on a routed MLP, outermost first (empty outside interventions)."""
+    return list(mlp.__dict__.get(_TRANSFORMS, ()))
+
+
+def transform_router_logits(mlp: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """Router logits as the active interventions change them (the same tensor when there are none)."""
+    for t in mlp.__dict__.get(_TRANSFORMS, ()):
+        logits = t.fn(logits)
+    return logits
+
+
+class _RouterLogits(TorchFunctionMode):
+    """While an MLP runs: apply its transforms to the result of F.linear(x, router.weight, ...)."""
+
+    def __init__(self, mlp: nn.Module, router: nn.Module):
+        super().__init__()
+        self.mlp, self.router, self.applied = mlp, router, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.linear:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if weight is getattr(self.router, "weight", None):  # looked up now: offloading may swap it
+                out = transform_router_logits(self.mlp, out)
+                self.applied += 1
+        return out
+
+
+def _add_transform(mlp: nn.Module, router: nn.Module, transform: LogitTransform) -> Callable[[], None]:
+    """Register `transform` on `mlp` (wrapping its forward on the first one); returns the undo."""
+    if _TRANSFORMS not in mlp.__dict__:
+        inner = mlp.forward  # the bound method, or an instance attribute someone else set (accelerate)
+        previous = mlp.__dict__.get("forward", _MISSING)
+
+        def forward(*args, **kwargs):
+            mode = _RouterLogits(mlp, router)
+            with mode:
+                out = inner(*args, **kwargs)
+            if not mode.applied:
+                raise InterventionError(
+                    f"{type(mlp).__name__}.forward did not compute router logits with F.linear on the router's "
+                    "weight, so the routing intervention could not be applied (this MLP class is not supported).")
+            return out
+
+        mlp.__dict__[_TRANSFORMS] = []
+        mlp.__dict__["forward"] = forward
+        mlp.__dict__["_workbench_previous_forward"] = previous
+    mlp.__dict__[_TRANSFORMS].append(transform)
+
+    def undo() -> None:
+        transforms = mlp.__dict__.get(_TRANSFORMS, [])
+        if transform in transforms:
+            transforms.remove(transform)
+        if not transforms and _TRANSFORMS in mlp.__dict__:
+            previous = mlp.__dict__.pop("_workbench_previous_forward")
+            del mlp.__dict__[_TRANSFORMS]
+            if previous is _MISSING:
+                mlp.__dict__.pop("forward", None)
+            else:
+                mlp.__dict__["forward"] = previous
+    return undo
+
+
+_MISSING = object()
+
+
+# ---- the base class ------------------------------------------------------------------------------------
+class Intervention:
+    """A change to the model's computation, active only inside `with`. Nest freely; re-enter later.
+
+    Entering while a generation runs on the session raises BusyError (it would change half-way). On exit,
+    a generation started inside and still running is waited for, so all its tokens see the intervention.
+    """
+
+    name = "intervention"
+
+    def __init__(self, session, spec):
+        self.session, self.model, self.adapter = session, session.model, session.adapter
+        model_config = self.model.config
+        self.config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        self.n_layers = len(self.adapter.layer_list(self.model))
+        self.spec = self._check(spec)
+        self._undo: list | None = None
+
+    def _check(self, spec):  # validate and normalise the user's dict; raise InterventionError
+        raise NotImplementedError
+
+    def _install(self) -> None:  # change the model, appending an undo callable per change to self._undo
+        raise NotImplementedError
+
+    @property
+    def active(self) -> bool:
+        return self._undo is not None
+
+    def __enter__(self) -> "Intervention":
+        if self._undo is not None:
+            raise InterventionError(f"{self!r} is already active: create a second one to apply it twice.")
+        lock = getattr(self.session, "_busy", None)
+        if lock is not None and lock.locked():
+            raise BusyError("a generation is running on this session: stop it or wait before intervening")
+        self._undo = []
+        try:
+            self._install()
+        except BaseException:
+            self._unwind()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        try:
+            _wait_idle(self.session)
+        finally:
+            self._unwind()
+        return False
+
+    def _unwind(self) -> None:
+        undo, self._undo = self._undo or [], None
+        errors = []
+        for fn in reversed(undo):
+            try:
+                fn()
+            except Exception as e:  # keep undoing the rest; report afterwards
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def __repr__(self) -> str:
+        return f"{self.name}({self.spec!r})"
+
+    # ---- checks shared by the subclasses ----
+    def _spec_dict(self, spec) -> dict:
+        if not isinstance(spec, dict) or not spec:
+            raise InterventionError(f"{self.name} takes a non-empty dict keyed by layer, e.g. {self.example}; "
+                                    f"got {spec!r}.")
+        return spec
+
+    example = "{3: [0, 1]}"
+
+    def _layer(self, layer) -> int:
+        if not _is_int(layer) or not 0 <= layer < self.n_layers:
+            raise InterventionError(f"layer {layer!r} out of range: this model has layers 0..{self.n_layers - 1}.")
+        return int(layer)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _span(xs: list[int]) -> str:
+    """[0, 1, 2, 3] -> '0..3'; [0, 2] -> '0, 2'."""
+    if len(xs) > 2 and xs == list(range(xs[0], xs[-1] + 1)):
+        return f"{xs[0]}..{xs[-1]}"
+    return ", ".join(map(str, xs))
+
+
+def _wait_idle(session) -> None:
+    """Wait until no generation runs on the session (polling, so Ctrl-C still works)."""
+    lock = getattr(session, "_busy", None)
+    if lock is None:
+        return
+    while not lock.acquire(timeout=0.1):
+        pass
+    lock.release()
+
+
+# ---- routing ---------------------------------------------------------------------------------------------
+class _RoutingIntervention(Intervention):
+    def __init__(self, session, spec):
+        if not session.adapter.is_moe:
+            raise InterventionError(f"{session.adapter.family} is a dense model (no router): routing interventions "
+                                    "need a Mixture-of-Experts model (gpt-oss, Mixtral, Qwen-MoE, OLMoE).")
+        self.routed = session.adapter.moe_layers(session.model)
+        super().__init__(session, spec)
+        self.n_experts, self.k = self.adapter.num_experts(self.config), self.adapter.top_k(self.config)
+
+    def _layer(self, layer) -> int:
+        if _is_int(layer) and layer in self.routed:
+            return int(layer)
+        if _is_int(layer) and 0 <= layer < self.n_layers:
+            raise InterventionError(f"layer {layer} has a dense MLP (no router): this model's routed (MoE) layers "
+                                    f"are {_span(self.routed)}.")
+        raise InterventionError(f"layer {layer!r} out of range: this model has MoE layers {_span(self.routed)}.")
+
+    def _expert(self, layer: int, expert) -> int:
+        n = self.adapter.num_experts(self.config)
+        if not _is_int(expert) or not 0 <= expert < n:
+            raise InterventionError(f"expert {expert!r} (layer {layer}) out of range: this model has experts "
+                                    f"0..{n - 1}.")
+        return int(expert)
+
+    def _transform(self, layer: int, value) -> LogitTransform:
+        raise NotImplementedError
+
+    def _install(self) -> None:
+        for layer, value in self.spec.items():
+            mlp = self.adapter.mlp_module(self.model, layer)
+            transform = self._transform(layer, value)
+            blocked = set(transform.blocked).union(*(t.blocked for t in router_transforms(mlp)))
+            if self.n_experts - len(blocked) < self.k:
+                raise InterventionError(
+                    f"{self!r} leaves {self.n_experts - len(blocked)} expert(s) at layer {layer} (with the other "
+                    f"active interventions), fewer than the {self.k} the model chooses per token.")
+            self._undo.append(_add_transform(mlp, getattr(mlp, self.adapter.router), transform))
+
+
+def _blocking(experts: list[int], n: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def fn(logits: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(n, dtype=torch.bool, device=logits.device)
+        mask[experts] = True
+        return logits.masked_fill(mask, -math.inf)
+    return fn
+
+
+class ablate_experts(_RoutingIntervention):
+    """`with ablate_experts(s, {layer: [experts]}):` those experts are never chosen at those layers.
+
+    Their router logits become -inf: top-k picks among the rest and the weights are the model's own over
+    the rest (renormalised to sum 1 wherever the model renormalises its top-k)."""
+
+    name = "ablate_experts"
+    example = "{3: [7, 12]}"
+
+    def _check(self, spec):
+        out = {}
+        for layer, experts in self._spec_dict(spec).items():
+            layer = self._layer(layer)
+            experts = [experts] if _is_int(experts) else list(experts)
+            out[layer] = sorted({self._expert(layer, e) for e in experts})
+        return out
+
+    def _transform(self, layer, experts):
+        return LogitTransform(_blocking(experts, self.n_experts), set(experts), f"ablate {experts}")
+
+
+class force_experts(_RoutingIntervention):
+    """`with force_experts(s, {layer: [k experts]}):` exactly those experts, for every token, at those layers.
+
+    Every other logit becomes -inf, so the router's own arithmetic picks the forced ones and weights them
+    as it would: gpt-oss, softmax over their k logits; Mixtral/Qwen/OLMoE, the softmax restricted to them."""
+
+    name = "force_experts"
+    example = "{3: [0, 1, 2, 3]}"
+
+    def _check(self, spec):
+        out = {}
+        k = self.adapter.top_k(self.config)
+        for layer, experts in self._spec_dict(spec).items():
+            layer = self._layer(layer)
+            experts = [experts] if _is_int(experts) else list(experts)
+            chosen = sorted({self._expert(layer, e) for e in experts})
+            if len(chosen) != k or len(experts) != k:
+                raise InterventionError(f"force_experts needs exactly {k} distinct experts per layer (the model "
+                                        f"chooses {k} per token); layer {layer} got {experts!r}.")
+            out[layer] = chosen
+        return out
+
+    def _transform(self, layer, experts):
+        others = [e for e in range(self.n_experts) if e not in experts]
+        return LogitTransform(_blocking(others, self.n_experts), set(others), f"force {experts}")
+
+
+class steer_experts(_RoutingIntervention):
+    """`with steer_experts(s, {layer: {expert: amount}}):` add `amount` to those router logits."""
+
+    name = "steer_experts"
+    example = "{3: {7: 2.0}}"
+
+    def _check(self, spec):
+        out = {}
+        for layer, deltas in self._spec_dict(spec).items():
+            layer = self._layer(layer)
+            if not isinstance(deltas, dict) or not deltas:
+                raise InterventionError(f"steer_experts takes {{layer: {{expert: amount}}}}, e.g. {self.example}; "
+                                        f"layer {layer} got {deltas!r}.")
+            checked = {}
+            for expert, amount in deltas.items():
+                expert = self._expert(layer, expert)
+                if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount):
+                    raise InterventionError(f"steering amount for expert {expert} at layer {layer} must be a finite "
+                                            f"number, got {amount!r}.")
+                checked[expert] = float(amount)
+            out[layer] = checked
+        return out
+
+    def _transform(self, layer, deltas):
+        experts, amounts = list(deltas), list(deltas.values())
+
+        def fn(logits: torch.Tensor) -> torch.Tensor:
+            out = logits.clone()
+            out[..., experts] += torch.tensor(amounts, dtype=logits.dtype, device=logits.device)
+            return out
+        return LogitTransform(fn, set(), f"steer {deltas}")
+
+
+# ---- attention -------------------------------------------------------------------------------------------
+class ablate_heads(Intervention):
+    """`with ablate_heads(s, {layer: [heads]}):` those heads' outputs are zeroed before o_proj."""
+
+    name = "ablate_heads"
+    example = "{5: [0, 3]}"
+
+    def _check(self, spec):
+        n_heads = int(self.config.num_attention_heads)
+        out = {}
+        for layer, heads in self._spec_dict(spec).items():
+            layer = self._layer(layer)
+            heads = [heads] if _is_int(heads) else list(heads)
+            for h in heads:
+                if not _is_int(h) or not 0 <= h < n_heads:
+                    raise InterventionError(f"head {h!r} (layer {layer}) out of range: this model has heads "
+                                            f"0..{n_heads - 1}.")
+            out[layer] = sorted(set(heads))
+        return out
+
+    def _install(self) -> None:
+        n_heads = int(self.config.num_attention_heads)
+        for layer, heads in self.spec.items():
+            attention = self.adapter.attention_module(self.model, layer)
+            o_proj = getattr(attention, "o_proj", None)
+            if o_proj is None:
+                raise InterventionError(f"layer {layer}'s attention ({type(attention).__name__}) has no o_proj.")
+            head_dim = int(getattr(attention, "head_dim", None) or getattr(self.config, "head_dim", None)
+                           or self.config.hidden_size // n_heads)
+            hook = o_proj.register_forward_pre_hook(_zero_heads(heads, n_heads, head_dim), with_kwargs=True)
+            self._undo.append(hook.remove)
+
+
+def _zero_heads(heads: list[int], n_heads: int, head_dim: int):
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["input"]
+        if x.shape[-1] != n_heads * head_dim:
+            raise InterventionError(f"o_proj input has width {x.shape[-1]}, not heads x head_dim = "
+                                    f"{n_heads} x {head_dim}: cannot find the heads' slices.")
+        x = x.clone()  # never write into the model's own tensor
+        x.view(*x.shape[:-1], n_heads, head_dim)[..., heads, :] = 0
+        return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "input": x})
+    return hook
+
+
+class scale_sinks(Intervention):
+    """`with scale_sinks(s, {layer: factor}):` gpt-oss attention-sink logits multiplied by `factor`.
+
+    Note that a sink logit of 0 (factor 0.0) still takes attention: exp(0) = 1 against the other keys.
+    The sinks Parameter is swapped for a scaled copy; the original object is put back on exit."""
+
+    name = "scale_sinks"
+    example = "{5: 0.0}"
+
+    def _check(self, spec):
+        if not self.adapter.has_sinks:
+            raise InterventionError(f"{self.adapter.family} has no attention sinks: scale_sinks works on models with "
+                                    "learned sink logits (gpt-oss).")
+        out = {}
+        for layer, factor in self._spec_dict(spec).items():
+            layer = self._layer(layer)
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
+                raise InterventionError(f"sink scale for layer {layer} must be a finite number, got {factor!r}.")
+            out[layer] = float(factor)
+        return out
+
+    def _install(self) -> None:
+        for layer, factor in self.spec.items():
+            attention = self.adapter.attention_module(self.model, layer)
+            original = attention._parameters.get("sinks")
+            if original is None:
+                raise InterventionError(f"layer {layer}'s attention ({type(attention).__name__}) has no sinks.")
+            if original.device.type == "meta":
+                raise InterventionError(f"layer {layer}'s sinks are offloaded (meta device): scale_sinks cannot "
+                                        "change them; load without offloading.")
+            attention._parameters["sinks"] = nn.Parameter(original.detach() * factor, requires_grad=False)
+            self._undo.append(lambda a=attention, p=original: a._parameters.__setitem__("sinks", p))
+
+
+INTERVENTIONS: dict[str, Any] = {c.name: c for c in (ablate_experts, force_experts, steer_experts, ablate_heads,
+                                                     scale_sinks)}
