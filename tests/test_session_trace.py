@@ -49,3 +49,16 @@ def test_tracing_while_a_generation_runs_is_refused(tiny_checkpoint):
         run.stop()
         run.result()
     assert s.trace("hello").routing is not None  # usable again
+
+
+def test_session_interventions_and_compare(tiny_checkpoint):
+    s = wb.load(str(tiny_checkpoint("gpt_oss")), preset="cpu")
+    before = s.trace("the cat sat on the mat")
+    banned = int(before.routing.indices[0, 0, 0])
+    with s.ablate_experts({0: [banned]}):
+        inside = s.trace("the cat sat on the mat")
+    assert not (inside.routing.indices[0] == banned).any()
+    assert torch.equal(s.trace("the cat sat on the mat").routing.indices, before.routing.indices)  # undone
+    r = s.compare("the cat", interventions={"baseline": [], "ablated": [s.ablate_experts({0: [banned]})]},
+                  max_new_tokens=4)
+    assert r.kl["baseline"] is not None and float(max(r.kl["baseline"])) == 0.0

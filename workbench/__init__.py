@@ -8,9 +8,11 @@
 """
 from . import errors
 from .adapters import ADAPTERS, Adapter, adapter_for
+from .compare import Comparison
 from .errors import (BusyError, CaptureBudgetError, CaptureError, ChatError, ContextLengthError, DoesNotFitError,
-                     ModelNotFoundError, NotACausalLMError, PresetError, SamplingError, TraceFileError,
-                     TraceModelMismatchError, WorkbenchError)
+                     InterventionError, ModelNotFoundError, NotACausalLMError, PresetError, SamplingError,
+                     TraceFileError, TraceModelMismatchError, WorkbenchError)
+from .interventions import ablate_experts, ablate_heads, force_experts, scale_sinks, steer_experts
 from .loading import default_model, load
 from .planning import plan, plan_all
 from .presets import PRESET_NAMES, PRESETS

@@ -98,6 +98,9 @@ class _RouterLogits(TorchFunctionMode):
         return out
 
 
+_MISSING = object()
+
+
 def _add_transform(mlp: nn.Module, router: nn.Module, transform: LogitTransform) -> Callable[[], None]:
     """Register `transform` on `mlp` (wrapping its forward on the first one); returns the undo."""
     if _TRANSFORMS not in mlp.__dict__:
@@ -133,9 +136,6 @@ def _add_transform(mlp: nn.Module, router: nn.Module, transform: LogitTransform)
     return undo
 
 
-_MISSING = object()
-
-
 # ---- the base class ------------------------------------------------------------------------------------
 class Intervention:
     """A change to the model's computation, active only inside `with`. Nest freely; re-enter later.
@@ -145,6 +145,7 @@ class Intervention:
     """
 
     name = "intervention"
+    example = "{3: [0, 1]}"  # shown in error messages
 
     def __init__(self, session, spec):
         self.session, self.model, self.adapter = session, session.model, session.adapter
@@ -197,7 +198,7 @@ class Intervention:
             raise errors[0]
 
     def __repr__(self) -> str:
-        return f"{self.name}({self.spec!r})"
+        return f"{self.name}({getattr(self, 'spec', '...')!r})"
 
     # ---- checks shared by the subclasses ----
     def _spec_dict(self, spec) -> dict:
@@ -205,8 +206,6 @@ class Intervention:
             raise InterventionError(f"{self.name} takes a non-empty dict keyed by layer, e.g. {self.example}; "
                                     f"got {spec!r}.")
         return spec
-
-    example = "{3: [0, 1]}"
 
     def _layer(self, layer) -> int:
         if not _is_int(layer) or not 0 <= layer < self.n_layers:

@@ -91,6 +91,43 @@ class Session:
         finally:
             self._busy.release()
 
+    # ---- interventions: context managers that change the model only inside `with` ----
+    def ablate_experts(self, experts: dict):
+        """`with s.ablate_experts({layer: [experts]}):` never chosen there; top-k over the rest."""
+        from . import interventions
+
+        return interventions.ablate_experts(self, experts)
+
+    def force_experts(self, experts: dict):
+        """`with s.force_experts({layer: [k experts]}):` exactly those, weighted by the router over their logits."""
+        from . import interventions
+
+        return interventions.force_experts(self, experts)
+
+    def steer_experts(self, deltas: dict):
+        """`with s.steer_experts({layer: {expert: amount}}):` added to those router logits."""
+        from . import interventions
+
+        return interventions.steer_experts(self, deltas)
+
+    def ablate_heads(self, heads: dict):
+        """`with s.ablate_heads({layer: [heads]}):` those heads' outputs zeroed before o_proj."""
+        from . import interventions
+
+        return interventions.ablate_heads(self, heads)
+
+    def scale_sinks(self, factors: dict):
+        """`with s.scale_sinks({layer: factor}):` gpt-oss attention-sink logits multiplied by factor."""
+        from . import interventions
+
+        return interventions.scale_sinks(self, factors)
+
+    def compare(self, prompt, interventions, **kwargs):
+        """Texts, per-token KL (teacher-forced on the baseline's tokens) and routing diff per variant."""
+        from . import compare as comparing
+
+        return comparing.compare(self, prompt, interventions, **kwargs)
+
     def widget(self, **defaults):
         """An ipywidgets generation widget with a token inspector (see workbench.widget)."""
         from .widget import widget

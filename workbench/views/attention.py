@@ -53,13 +53,17 @@ def attention_heatmap(t, layer: int, head: int, *, window=None) -> go.Figure:
     if sinks:
         x = x + [SINK]
         columns.append(c.head_sink_mass(t, layer, head)[start:stop, None])
-    z = torch.cat(columns, dim=1).tolist()
+    z = torch.cat(columns, dim=1).numpy()  # numpy: plotly sends it as compact binary, not JSON text
 
     fig = go.Figure(go.Heatmap(
         z=z, x=x, y=y, **c.PROBABILITY, colorbar=dict(title="probability"), hoverongaps=False,
         hovertemplate="query %{y}<br>key %{x}<br>p = %{z:.4f}<extra></extra>"))
     fig.update_xaxes(title="key (the token attended to)", type="category", tickangle=-60)
     fig.update_yaxes(title="query (the token attending)", type="category", autorange="reversed")
+    # Thin lines set the summed "earlier" column and the sink column apart from real keys.
+    edges = ([0.5] if start > 0 else []) + ([len(x) - 1.5] if sinks else [])
+    for edge in edges:
+        fig.add_vline(x=edge, line=dict(color="#555", width=1))
     kv = head // t.meta["groups"]
     how = ("each row: where that token looks; blank = masked" +
            (f"; '{SINK}' = probability the learned sink absorbs" if sinks else ""))

@@ -79,7 +79,7 @@ def coactivation(t, layer: int) -> go.Figure:
     z.fill_diagonal_(float("nan"))
     experts = [f"expert {e}" for e in range(counts.shape[0])]
     k = r.indices.shape[-1]
-    fig = go.Figure(go.Heatmap(z=z.tolist(), x=experts, y=experts, **c.COUNT, colorbar=dict(title="tokens"),
+    fig = go.Figure(go.Heatmap(z=z.numpy(), x=experts, y=experts, **c.COUNT, colorbar=dict(title="tokens"),
                                hoverongaps=False,
                                hovertemplate="%{y} & %{x}: %{z:.0f} tokens<extra></extra>"))
     fig.update_xaxes(title="expert", type="category")

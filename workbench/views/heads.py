@@ -59,7 +59,7 @@ def head_grid(t, metric: str = "sink_mass") -> go.Figure:
         how = f"0 bits = always one key; log2(tokens) = {torch.log2(torch.tensor(float(len(t.tokens)))):.1f} " \
               f"bits = spread evenly over every earlier token"
     x, y = [f"head {h}" for h in t.heads], _layer_labels(t)
-    fig = go.Figure(go.Heatmap(z=z.tolist(), x=x, y=y, **scale, colorbar=dict(title=what.split(" (")[0]),
+    fig = go.Figure(go.Heatmap(z=z.numpy(), x=x, y=y, **scale, colorbar=dict(title=what.split(" (")[0]),
                                hovertemplate="%{y} · %{x}<br>" + what + " = %{z:.3f}<extra></extra>"))
     fig.update_xaxes(title="head", type="category")
     fig.update_yaxes(title="layer", type="category", autorange="reversed")
@@ -77,14 +77,14 @@ def sink_mass(t) -> go.Figure:
     fig = make_subplots(rows=2, cols=1, row_heights=[0.45, 0.55], vertical_spacing=0.14,
                         subplot_titles=("by layer and head (mean over tokens)",
                                         "by position (mean over heads)"))
-    fig.add_trace(go.Heatmap(z=mass.mean(-1).tolist(), x=[f"head {h}" for h in t.heads], y=y, **c.PROBABILITY,
+    fig.add_trace(go.Heatmap(z=mass.mean(-1).numpy(), x=[f"head {h}" for h in t.heads], y=y, **c.PROBABILITY,
                              colorbar=dict(title="sink mass", len=0.45, y=1.0, yanchor="top"),
                              hovertemplate="%{y} · %{x}<br>mean sink mass = %{z:.3f}<extra></extra>"),
                   row=1, col=1)
     labels = token_labels(t)
     for row, layer in enumerate(t.layers):
         sliding = t.meta["attention"][str(layer)]["window"] is not None
-        fig.add_trace(go.Scatter(x=list(range(len(t.tokens))), y=mass[row].mean(0).tolist(), name=y[row],
+        fig.add_trace(go.Scatter(x=list(range(len(t.tokens))), y=mass[row].mean(0).numpy(), name=y[row],
                                  mode="lines", line=dict(width=1.5, dash="dot" if sliding else "solid"),
                                  text=labels, hovertemplate="%{text}<br>sink mass = %{y:.3f}"), row=2, col=1)
     fig.update_xaxes(title="head", type="category", row=1, col=1)
@@ -93,5 +93,6 @@ def sink_mass(t) -> go.Figure:
     fig.update_yaxes(title="sink mass", range=[0, 1], row=2, col=1)
     c.title(fig, f"Attention sink mass · {len(t.tokens)} tokens",
             "the probability each query gives the learned sink instead of any token")
-    fig.update_layout(height=max(650, 2 * c.axis_height(len(y), per_row=22)), legend=dict(y=0.5, yanchor="top"))
+    fig.update_layout(height=max(650, 2 * c.axis_height(len(y), per_row=22)), legend=dict(y=0.5, yanchor="top"),
+                      margin=dict(t=120))  # room for the title, subtitle and the first panel's title
     return fig

@@ -16,11 +16,22 @@ VISIBLE = {" ": "·", "\n": "⏎", "\t": "⇥", "\r": "␍", "\u00a0": "⍽", "\
 
 
 def visible(text: str, limit: int | None = 24) -> str:
-    """`text` with whitespace made visible (· space, ⏎ newline, ⇥ tab), "∅" if empty, cut to `limit` chars."""
-    out = "".join(VISIBLE.get(c, c) for c in text) or "∅"
+    """`text` with whitespace made visible (· space, ⏎ newline, ⇥ tab), "∅" if empty, cut to `limit` chars.
+
+    Other control characters (byte-level tokenizers have tokens for \x00..\x1f) become their Unicode
+    "control pictures" (␀, ␛): raw, they break the figure's JSON on its way to the browser.
+    """
+    out = "".join(VISIBLE.get(ch) or (ch if ch.isprintable() else _picture(ch)) for ch in text) or "∅"
     if limit is not None and len(out) > limit:
         out = out[:limit - 1] + "…"
     return out
+
+
+def _picture(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x20:
+        return chr(0x2400 + code)  # ␀..␟
+    return "␡" if code == 0x7F else f"<U+{code:04X}>"
 
 
 def _strings(tokens) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 
+import numpy as np
 import plotly.graph_objects as go
 import torch
 
@@ -58,11 +59,11 @@ def logit_lens_grid(t, model=None, tokenizer=None, layers=None, k: int = 1, *, w
     z, text, hover = [], [], []
     for layer in layers:
         got = lens(t, layer, k, model, tokenizer, positions)
-        z.append(got.probs[:, 0].tolist())
+        z.append(got.probs[:, 0].numpy())
         text.append([visible(s[0], 10) for s in got.strings])
         hover.append([_hover(t, p, got.strings[i], got.probs[i]) for i, p in enumerate(positions)])
     fig = go.Figure(go.Heatmap(
-        z=z, x=x, y=[f"after layer {layer}" for layer in layers], text=text, texttemplate="%{text}",
+        z=np.stack(z), x=x, y=[f"after layer {layer}" for layer in layers], text=text, texttemplate="%{text}",
         textfont=dict(size=10), customdata=hover, **c.PROBABILITY, colorbar=dict(title="top-1 probability"),
         hovertemplate="%{y} · at %{x}<br>%{customdata}<extra></extra>"))
     fig.update_xaxes(title="token (the guess is for the token after it)", type="category", tickangle=-60)

@@ -52,13 +52,13 @@ def expert_heatmap(t, layer: int, *, window=None) -> go.Figure:
     k, n_experts = r.indices.shape[-1], z.shape[1]
     y = token_labels(t, range(start, stop))
     fig = go.Figure(go.Heatmap(
-        z=z.tolist(), x=[f"expert {e}" for e in range(n_experts)], y=y,
+        z=z.numpy(), x=[f"expert {e}" for e in range(n_experts)], y=y,
         **{**c.PROBABILITY, "zmax": max(1.0, float(z.max()))}, colorbar=dict(title="weight"),
         hovertemplate="token %{y}<br>%{x}<br>weight = %{z:.3f}<extra></extra>"))
     fig.update_xaxes(title="expert", type="category", side="top")
     fig.update_yaxes(title="token", type="category", autorange="reversed")
     c.title(fig, f"Layer {layer} · routing weights · top-{k} of {n_experts} experts", note,
-            f"each row: the {k} experts that token went to, and how much each counted (blank = not chosen)")
+            f"each row: the {k} experts that token went to, and how much each counted (white = not chosen, weight 0)")
     fig.update_layout(height=c.axis_height(len(y)))
     return fig
 
@@ -98,7 +98,7 @@ def routing_entropy(t) -> go.Figure:
     n_experts = c.num_experts(t)
     top = math.log2(n_experts)
     fig = go.Figure(go.Heatmap(
-        z=z.tolist(), x=token_labels(t), y=[f"layer {layer}" for layer in r.layers], **c.ENTROPY, zmax=top,
+        z=z.numpy(), x=token_labels(t), y=[f"layer {layer}" for layer in r.layers], **c.ENTROPY, zmax=top,
         colorbar=dict(title="bits"), hovertemplate="%{y} · token %{x}<br>router entropy = %{z:.2f} bits"
                                                    "<extra></extra>"))
     fig.update_xaxes(title="token", type="category", tickangle=-60)
