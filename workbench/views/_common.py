@@ -2,6 +2,8 @@
 traces, the colour scales, and the title/subtitle layout."""
 from __future__ import annotations
 
+import operator
+
 import plotly.graph_objects as go
 import torch
 
@@ -24,14 +26,16 @@ def span(xs: list[int]) -> str:
     return str(list(xs))
 
 
-def pick(value, valid: list[int], what: str, where: str) -> int:
+def pick(value, valid: list[int], what: str, where: str, hint: str = "") -> int:
     """`value` if it is one of `valid` (negative values count from the end), else a CaptureError naming them."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise CaptureError(f"{what} must be an integer, not {value!r}: {where} has {what}s {span(valid)}.")
+    try:
+        value = operator.index(value)  # ints, numpy ints (from widgets); not floats or strings
+    except TypeError:
+        raise CaptureError(f"{what} must be an integer, not {value!r}: {where} has {what}s {span(valid)}.") from None
     if value < 0 and valid and -len(valid) <= value:
         value = valid[value]
     if value not in valid:
-        raise CaptureError(f"{what} {value} is out of range: {where} has {what}s {span(valid)}.")
+        raise CaptureError(f"{what} {value} is out of range: {where} has {what}s {span(valid)}{hint}.")
     return value
 
 
@@ -42,7 +46,9 @@ def need_attention(t) -> None:
 
 def attention_layer(t, layer) -> int:
     need_attention(t)
-    return pick(layer, t.layers, "layer", "this trace's attention")
+    n = t.meta["num_layers"]
+    hint = f" (the model has layers 0..{n - 1}: trace with layers=[...] to capture others)" if len(t.layers) < n else ""
+    return pick(layer, t.layers, "layer", "this trace's attention", hint)
 
 
 def attention_head(t, head) -> int:

@@ -57,7 +57,7 @@ def attention_heatmap(t, layer: int, head: int, *, window=None) -> go.Figure:
 
     fig = go.Figure(go.Heatmap(
         z=z, x=x, y=y, **c.PROBABILITY, colorbar=dict(title="probability"), hoverongaps=False,
-        hovertemplate="query %{y}<br>key %{x}<br>p = %{z:.4f}<extra></extra>"))
+        hovertemplate="query %{y}<br>key %{x}<br>probability %{z:.4f}<extra></extra>"))
     fig.update_xaxes(title="key (the token attended to)", type="category", tickangle=-60)
     fig.update_yaxes(title="query (the token attending)", type="category", autorange="reversed")
     # Thin lines set the summed "earlier" column and the sink column apart from real keys.
