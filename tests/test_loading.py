@@ -168,3 +168,26 @@ def test_second_stream_while_one_runs_is_refused(smollm2_session):
         run.stop()
         run.result()
     smollm2_session.chat("hi", max_new_tokens=2)  # usable again
+
+
+def test_native_mxfp4_modules_are_recognised_and_counted():
+    """On a GPU, transformers swaps the packed Parameters for triton tensors: the report must still see them."""
+    from types import SimpleNamespace
+
+    from workbench.adapters import adapter_for
+    from workbench.report import actual_quantization, measure
+    from workbench.testing import tiny_config
+
+    class Mxfp4GptOssExperts(torch.nn.Module):  # the shape of transformers' module after swizzling
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj_bias = torch.nn.Parameter(torch.zeros(4, 8))
+            self.gate_up_proj = SimpleNamespace(storage=SimpleNamespace(data=torch.zeros(4, 8, 16, dtype=torch.uint8)))
+            self.gate_up_proj_precision_config = SimpleNamespace(weight_scale=torch.zeros(4, 8, dtype=torch.uint8))
+
+    model = torch.nn.Module()
+    model.experts = Mxfp4GptOssExperts()
+    assert actual_quantization(model) == "mxfp4"
+    adapter, _ = adapter_for(tiny_config("gpt_oss"))
+    by_group, by_device = measure(model, adapter)
+    assert by_group["experts"]["mxfp4 (native, swizzled)"] == 4 * 8 * 16 + 4 * 8

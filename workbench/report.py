@@ -100,6 +100,10 @@ def measure(model: nn.Module, adapter: Adapter) -> tuple[dict[str, dict[str, int
         by_group[adapter.group_of(name)][_dtype_name(t)] += nbytes
         device = "disk (offloaded)" if t.device.type == "meta" else str(t.device)
         by_device[device] += nbytes
+    native = _native_mxfp4_bytes(model)
+    if native:
+        by_group["experts"]["mxfp4 (native, swizzled)"] += native
+        by_device[str(next(model.parameters()).device)] += native
     return {g: dict(d) for g, d in by_group.items()}, dict(by_device)
 
 
@@ -112,10 +116,36 @@ def actual_quantization(model: nn.Module) -> str | None:
             kinds.add("bnb-int8")
         elif cls == "Linear4bit":
             kinds.add("bnb-nf4")
-        elif cls.startswith("Mxfp4") and any(p.dtype == torch.uint8 or "Triton" in type(p).__name__
-                                              for p in module.parameters(recurse=False)):
+        elif cls.startswith("Mxfp4") and _holds_mxfp4(module):
             kinds.add("mxfp4")
     return "+".join(sorted(kinds)) or None
+
+
+def _holds_mxfp4(module: nn.Module) -> bool:
+    # Native loading swizzles the packed uint8 parameters into triton tensors that replace the Parameters
+    # (plain attributes plus `*_precision_config`); before that they are uint8 Parameters.
+    if any(getattr(module, f"{proj}_precision_config", None) is not None for proj in ("gate_up_proj", "down_proj")):
+        return True
+    return any(p.dtype == torch.uint8 for p in module.parameters(recurse=False))
+
+
+def _native_mxfp4_bytes(model: nn.Module) -> int:
+    """Bytes of swizzled mxfp4 expert weights, which are not Parameters and so escape named_parameters()."""
+    total = 0
+    for module in model.modules():
+        for proj in ("gate_up_proj", "down_proj"):
+            weight = getattr(module, proj, None)
+            if weight is None or isinstance(weight, nn.Parameter) or \
+                    getattr(module, f"{proj}_precision_config", None) is None:
+                continue
+            data = getattr(getattr(weight, "storage", None), "data", weight)
+            if isinstance(data, torch.Tensor):
+                total += data.numel() * data.element_size()
+                scale = getattr(getattr(module, f"{proj}_precision_config"), "weight_scale", None)
+                scale = getattr(getattr(scale, "storage", None), "data", scale)
+                if isinstance(scale, torch.Tensor):
+                    total += scale.numel() * scale.element_size()
+    return total
 
 
 class WarningCollector(logging.Handler):

@@ -53,7 +53,7 @@ class RoutingStatsMismatchError(RoutingStatsError, TraceModelMismatchError):
     """A checkpoint or part recorded from another model, or with other settings."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class RoutingStats:
     layers: list[int]  # model layers the rows are
     num_experts: int
@@ -68,7 +68,9 @@ class RoutingStats:
     entropy_sum: torch.Tensor = None  # [L] float64, bits
     entropy_hist: torch.Tensor = None  # [L, bins] int64
     token_ids: torch.Tensor = None  # [n seen] int64
-    token_experts: torch.Tensor = None  # [n seen, L, E] int32
+    token_experts: torch.Tensor = None  # [n seen, L, E] int32: a view of _table's first rows
+    _rows: dict = dataclasses.field(default=None, repr=False)  # token id -> row
+    _table: torch.Tensor = dataclasses.field(default=None, repr=False)  # rows with spare capacity
 
     @classmethod
     def empty(cls, layers, num_experts, top_k, meta, device="cpu") -> "RoutingStats":
@@ -152,15 +154,36 @@ class RoutingStats:
 
     def _add_tokens(self, ids: torch.Tensor, indices: torch.Tensor) -> None:
         L, E = len(self.layers), self.num_experts
-        known = dict(zip(self.token_ids.tolist(), range(len(self.token_ids))))
-        new = [t for t in dict.fromkeys(ids.tolist()) if t not in known]
-        if new:  # one row per distinct token id, appended in first-seen order
-            known.update((t, len(known) + i) for i, t in enumerate(new))
-            self.token_ids = torch.cat([self.token_ids, torch.tensor(new, dtype=torch.int64)])
-            self.token_experts = torch.cat([self.token_experts, torch.zeros(len(new), L, E, dtype=torch.int32)])
-        rows = torch.tensor([known[t] for t in ids.tolist()], dtype=torch.int64)
+        rows = self._rows_for(ids.tolist())
         flat = (rows.view(1, -1, 1) * L + torch.arange(L).view(L, 1, 1)) * E + indices  # [L, N, k]
-        self.token_experts.view(-1).index_add_(0, flat.reshape(-1), torch.ones(flat.numel(), dtype=torch.int32))
+        self._table.view(-1).index_add_(0, flat.reshape(-1), torch.ones(flat.numel(), dtype=torch.int32))
+
+    def _rows_for(self, ids: list[int]) -> torch.Tensor:
+        """Row of each token id in the table, appending rows (first-seen order) for new ids."""
+        if self._rows is None:
+            self._rows = dict(zip(self.token_ids.tolist(), itertools.count()))
+            self._table = self.token_experts.contiguous()
+        n = len(self._rows)
+        new = [t for t in dict.fromkeys(ids) if t not in self._rows]
+        if new:
+            self._rows.update(zip(new, itertools.count(n)))
+            if len(self._rows) > len(self._table):  # grow by doubling: amortised copies, no per-batch cat
+                bigger = torch.zeros(max(2 * len(self._table), len(self._rows), 256), *self._table.shape[1:],
+                                     dtype=torch.int32)
+                bigger[:n] = self._table[:n]
+                self._table = bigger
+            self.token_ids = torch.cat([self.token_ids, torch.tensor(new, dtype=torch.int64)])
+        self.token_experts = self._table[:len(self._rows)]
+        return torch.tensor([self._rows[t] for t in ids], dtype=torch.int64)
+
+    def _merge(self, other: "RoutingStats") -> None:
+        for name in _COUNTS:
+            getattr(self, name).add_(getattr(other, name).to(getattr(self, name).device))
+        self.texts += other.texts
+        self.tokens += other.tokens
+        if len(other.token_ids):
+            rows = self._rows_for(other.token_ids.tolist())
+            self._table.index_add_(0, rows, other.token_experts.to(torch.int32))
 
     # ---- files -----------------------------------------------------------------------------------------
     def save(self, path) -> Path:
@@ -188,8 +211,6 @@ class RoutingStats:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {}).get("workbench", "{}"))
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (OSError, ValueError) as e:
-            raise RoutingStatsError(f"{path} is not a readable routing-stats file: {e}") from e
         except Exception as e:  # safetensors raises its own error type for garbage and truncation
             raise RoutingStatsError(f"{path} is not a readable routing-stats file: {e}") from e
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
@@ -198,6 +219,12 @@ class RoutingStats:
         fields = {k: meta.pop(k) for k in ("layers", "num_experts", "top_k", "texts", "tokens")}
         meta.pop("format"), meta.pop("version")
         return cls(meta=meta, **fields, **tensors)
+
+    def to(self, device) -> "RoutingStats":
+        """The counts on `device` (the token table stays on the CPU), in place."""
+        for name in _COUNTS:
+            setattr(self, name, getattr(self, name).to(device))
+        return self
 
     def check_compatible(self, other: "RoutingStats", what: str) -> None:
         """Raise RoutingStatsMismatchError unless `other` counts the same model with the same settings."""
@@ -212,3 +239,171 @@ class RoutingStats:
                                                 f"this run uses {key}={self.meta.get(key)!r}.")
         if (other.layers, other.num_experts, other.top_k) != (self.layers, self.num_experts, self.top_k):
             raise RoutingStatsMismatchError(f"{what} has other routed layers or experts than this run.")
+
+
+# ---- reading routing during a batched forward ---------------------------------------------------------
+class _RouterHooks:
+    """Pre-hooks on the routed MLPs: experts, weights and entropy of the non-pad rows of each forward.
+
+    The arithmetic is the capture's (workbench/capture.py): F.linear on the MLP input with the router's
+    weight and bias (looked up at call time: offloading may swap them), then the active interventions'
+    logit transforms, then `adapter.route`.
+    """
+
+    def __init__(self, model, adapter, config, layers):
+        self.model, self.adapter, self.config, self.layers = model, adapter, config, layers
+        self.handles, self.out, self.valid, self._masks = [], {}, None, {}
+
+    def __enter__(self) -> "_RouterHooks":
+        try:
+            for layer in self.layers:
+                mlp = self.adapter.mlp_module(self.model, layer)
+                hook = self._hook(layer, getattr(mlp, self.adapter.router))
+                self.handles.append(mlp.register_forward_pre_hook(hook, with_kwargs=True))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _hook(self, layer: int, router):
+        def hook(module, args, kwargs):
+            if self.valid is None:
+                return
+            x = args[0] if args else kwargs["hidden_states"]
+            with torch.no_grad():
+                logits = F.linear(x.reshape(-1, x.shape[-1]), router.weight, getattr(router, "bias", None))
+                logits = transform_router_logits(module, logits)[self._mask(logits.device)]
+                indices, weights = self.adapter.route(logits, self.config)
+                entropy = torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum(-1) / math.log(2)
+            self.out[layer] = (indices, weights, entropy)
+        return hook
+
+    def _mask(self, device) -> torch.Tensor:
+        if device not in self._masks:  # layers may sit on different devices (device_map="auto")
+            self._masks[device] = self.valid.to(device)
+        return self._masks[device]
+
+    def start(self, valid: torch.Tensor) -> None:
+        self.valid, self._masks, self.out = valid, {}, {}
+
+    def finish(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        missing = [layer for layer in self.layers if layer not in self.out]
+        self.valid = None
+        if missing:
+            raise RoutingStatsError(f"routing was not seen at layers {missing}: this MLP class is not supported.")
+        return tuple(torch.stack([self.out[layer][i].to(device) for layer in self.layers]) for i in range(3))
+
+
+def pad_right(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask [B, T]: texts left-aligned, pads after (positions stay 0..n-1)."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(ids), width), dtype=torch.int64)
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)] = torch.tensor(x, dtype=torch.int64)
+        mask[i, :len(x)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def token_ids(tokenizer, item, text_key: str = "text") -> list[int]:
+    """A corpus item as token ids: a string (tokenized like `s.trace(text)`), a dict, or ids as they are."""
+    if isinstance(item, dict):
+        item = item[text_key]
+    if isinstance(item, str):
+        return list(tokenizer(item)["input_ids"])
+    if isinstance(item, torch.Tensor):
+        return item.reshape(-1).tolist()
+    if isinstance(item, (list, tuple)) and all(isinstance(t, int) for t in item):
+        return list(item)
+    raise RoutingStatsError(f"corpus items must be strings, dicts with {text_key!r}, or token ids, "
+                            f"not {type(item).__name__}.")
+
+
+def forward_kwargs(model) -> dict:
+    """Skip the vocabulary projection of all but the last position: counts need none of it."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def routing_stats(session, texts: Iterable, *, batch_size: int = 8, max_tokens: int = 512, checkpoint=None,
+                  checkpoint_every: int = 20, progress: bool = True, text_key: str = "text",
+                  token_table: bool = True, bins: int = BINS) -> RoutingStats:
+    """Routing aggregates over a corpus, streamed in right-padded batches (see the module docstring).
+
+    checkpoint: a .safetensors path saved every `checkpoint_every` batches and at the end; if it exists,
+    its texts are skipped (pass the same corpus in the same order) and counting goes on from there.
+    """
+    import contextlib
+
+    from tqdm.auto import tqdm
+
+    model, tokenizer, adapter = session.model, session.tokenizer, session.adapter
+    if not adapter.is_moe:
+        raise RoutingStatsError(f"{adapter.family} is a dense model: it has no routing to count.")
+    if batch_size < 1 or max_tokens < 1:
+        raise RoutingStatsError("batch_size and max_tokens must be at least 1.")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = adapter.moe_layers(model)
+    device = model.get_input_embeddings().weight.device
+    meta = {"config_hash": config_hash(model.config), "model": getattr(config, "_name_or_path", None),
+            "max_tokens": max_tokens, "bins": bins, "token_table": bool(token_table)}
+    stats = RoutingStats.empty(layers, adapter.num_experts(config), adapter.top_k(config), meta, device)
+    if checkpoint is not None and Path(checkpoint).exists():
+        saved = RoutingStats.load(checkpoint)
+        stats.check_compatible(saved, f"checkpoint {checkpoint}")
+        stats = saved.to(device)
+    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    extra = forward_kwargs(model)
+    total = len(texts) if hasattr(texts, "__len__") else None
+    items = itertools.islice(iter(texts), stats.texts, None)  # skip what the checkpoint already counted
+    exclusive = session._exclusive("counting routing") if hasattr(session, "_exclusive") else contextlib.nullcontext()
+    consistent, batches = True, 0
+    with exclusive, _RouterHooks(model, adapter, config, layers) as hooks, \
+            tqdm(total=total, initial=stats.texts, unit="text", disable=not progress, desc="routing stats") as bar:
+        try:
+            while batch := list(itertools.islice(items, batch_size)):
+                ids = [x[:max_tokens] for x in (token_ids(tokenizer, item, text_key) for item in batch)]
+                kept = [x for x in ids if x]
+                if kept:
+                    input_ids, mask = pad_right(kept, pad_id, device)
+                    valid = mask.reshape(-1).bool()
+                    hooks.start(valid)
+                    with torch.no_grad():
+                        model(input_ids=input_ids, attention_mask=mask, use_cache=False, **extra)
+                    routed = hooks.finish(stats.load.device)
+                consistent = False  # a failure from here to the end of the batch would leave half a batch
+                if kept:
+                    stats._add(*routed, input_ids.reshape(-1)[valid])
+                stats.texts += len(batch)
+                consistent, batches = True, batches + 1
+                bar.update(len(batch))
+                bar.set_postfix(tokens=stats.tokens, refresh=False)
+                if checkpoint is not None and batches % checkpoint_every == 0:
+                    stats.save(checkpoint)
+        except BaseException:
+            if checkpoint is not None and consistent:
+                stats.save(checkpoint)  # between batches: resuming loses nothing
+            raise
+    if checkpoint is not None:
+        stats.save(checkpoint)
+    return stats
+
+
+def merge_routing_stats(parts) -> RoutingStats:
+    """Sum routing statistics (paths or RoutingStats) computed on disjoint parts of a corpus, e.g. one per
+    process; all parts must come from the same model and settings."""
+    parts = [p if isinstance(p, RoutingStats) else RoutingStats.load(p) for p in parts]
+    if not parts:
+        raise RoutingStatsError("nothing to merge: pass at least one routing-stats file or object.")
+    first = parts[0]
+    out = RoutingStats.empty(first.layers, first.num_experts, first.top_k, first.meta)
+    for i, part in enumerate(parts):
+        out.check_compatible(part, f"part {i}")
+        out._merge(part)
+    return out
