@@ -232,28 +232,13 @@ def test_failed_enter_leaves_the_outer_intervention_as_it_was():
 
 
 # ---- an MLP that never calls its router (transformers' Mxfp4GptOssMLP computes the logits itself) -------------
-class _MLPThatNeverCallsItsRouter(torch.nn.Module):
-    """Mxfp4GptOssMLP.forward's routing: logits by F.linear on the router's weights, the router never called."""
-
-    def __init__(self, mlp):
-        super().__init__()
-        self.router, self.experts, self.used = mlp.router, mlp.experts, []
-
-    def forward(self, hidden_states):
-        b, s, h = hidden_states.shape
-        x = hidden_states.reshape(-1, h)
-        router_logits = torch.nn.functional.linear(x, self.router.weight, self.router.bias)
-        top, indices = torch.topk(router_logits, self.router.top_k, dim=-1)
-        scores = torch.softmax(top, dim=1, dtype=top.dtype)
-        self.used.append((indices, scores))
-        return self.experts(x, indices, scores).reshape(b, s, h), router_logits
 
 
 def test_routing_interventions_where_the_router_module_is_never_called():
     s = wb.load(str(testing.tiny_checkpoint("gpt_oss")), preset="bf16")
     x = ids(s)
     for layer in s.model.model.layers:
-        layer.mlp = _MLPThatNeverCallsItsRouter(layer.mlp)
+        layer.mlp = testing.MLPThatNeverCallsItsRouter(layer.mlp)
     fired = []
     handles = [layer.mlp.router.register_forward_hook(lambda *a: fired.append(1)) for layer in s.model.model.layers]
     before, snapshot = logits(s, x), state(s.model)

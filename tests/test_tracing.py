@@ -410,21 +410,6 @@ def test_mxfp4_fixture_routing_agrees_with_bf16_except_near_ties():
     a.check_model(mx)  # the config hash ignores the preset: a bf16 trace is valid for the mxfp4-loaded model
 
 
-class _MLPThatNeverCallsItsRouter(torch.nn.Module):
-    """Like transformers' Mxfp4GptOssMLP: logits by F.linear on the router's weights, the router never called."""
-
-    def __init__(self, mlp):
-        super().__init__()
-        self.router, self.experts, self.used = mlp.router, mlp.experts, []
-
-    def forward(self, hidden_states):
-        b, s, h = hidden_states.shape
-        x = hidden_states.reshape(-1, h)
-        router_logits = torch.nn.functional.linear(x, self.router.weight, self.router.bias)
-        top, indices = torch.topk(router_logits, self.router.top_k, dim=-1)
-        scores = torch.softmax(top, dim=1, dtype=top.dtype)
-        self.used.append((indices, scores))
-        return self.experts(x, indices, scores).reshape(b, s, h), router_logits
 
 
 def test_routing_read_where_the_router_module_is_never_called():
@@ -433,7 +418,7 @@ def test_routing_read_where_the_router_module_is_never_called():
     x = ids(16)
     before = logits(model, x)
     for layer in model.model.layers:
-        layer.mlp = _MLPThatNeverCallsItsRouter(layer.mlp)
+        layer.mlp = testing.MLPThatNeverCallsItsRouter(layer.mlp)
     fired = []
     handles = [layer.mlp.router.register_forward_hook(lambda *a: fired.append(1)) for layer in model.model.layers]
     t = trace(model, None, adapter, x, what=["routing"])

