@@ -70,7 +70,7 @@ def load(
         fallback=_fallback(requested_quant, actual, warnings.messages),
         dtypes_by_group=by_group,
         bytes_by_device=by_device,
-        planned_bytes=memory_plan.total_bytes,
+        planned_bytes=memory_plan.load_bytes,  # as it really loads here (after any fallback)
         attn_implementation=loaded.config._attn_implementation,
         device_map=_device_map(loaded),
         load_seconds=seconds,
