@@ -16,6 +16,8 @@ from .interventions import ablate_experts, ablate_heads, force_experts, scale_si
 from .loading import default_model, load
 from .planning import plan, plan_all
 from .presets import PRESET_NAMES, PRESETS
+from .presets_compare import PresetComparison, compare_presets
+from .routing_stats import RoutingStats, merge_routing_stats
 from .session import Session
 from .tracing import Trace, trace
 

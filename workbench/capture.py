@@ -82,6 +82,23 @@ def resolve_indices(requested, count: int, kind: str) -> list[int]:
     return sorted(set(out))
 
 
+def router_logits(mlp, router, x: torch.Tensor) -> torch.Tensor:
+    """Router logits for an MLP input, with the router's own arithmetic, as active interventions change them.
+
+    The weight is looked up at call time: accelerate keeps an offloaded router's weight on "meta" until the
+    router itself runs (and under mxfp4 it never runs), so it is loaded here and put back afterwards.
+    """
+    offload = getattr(router, "_hf_hook", None) if router.weight.device.type == "meta" else None
+    if offload is not None:
+        offload.pre_forward(router)
+    try:
+        logits = F.linear(x.reshape(-1, x.shape[-1]), router.weight, getattr(router, "bias", None))
+    finally:
+        if offload is not None:
+            offload.post_forward(router, None)
+    return transform_router_logits(mlp, logits)
+
+
 class Capture:
     """Context manager recording routing, attention q/k and residuals of every forward inside it."""
 
@@ -132,8 +149,7 @@ class Capture:
         model, adapter = self.model, self.adapter
         self._handles.append(model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
         for layer in self.routed_layers:
-            weight, bias = adapter.router_parameters(model, layer)
-            hook = self._routing_hook(layer, weight, bias)
+            hook = self._routing_hook(layer, getattr(adapter.mlp_module(model, layer), adapter.router))
             self._handles.append(adapter.mlp_module(model, layer).register_forward_pre_hook(hook, with_kwargs=True))
         if "residuals" in self.what:
             for layer in self.layers:
@@ -215,14 +231,13 @@ class Capture:
         self.records.append(record)
         self._current = record
 
-    def _routing_hook(self, layer: int, weight, bias):
+    def _routing_hook(self, layer: int, router):
         def hook(module, args, kwargs):
             if self._current is None:
                 return
             x = args[0] if args else kwargs["hidden_states"]
             with torch.no_grad():
-                logits = F.linear(x.reshape(-1, x.shape[-1]), weight, bias)  # the router's own arithmetic
-                logits = transform_router_logits(module, logits)  # as active interventions change it
+                logits = router_logits(module, router, x)
                 indices, weights = self.adapter.route(logits, self.config)
             self._current.logits[layer] = logits.detach().to("cpu", torch.float32)
             self._current.indices[layer] = indices.detach().to("cpu", torch.int64)

@@ -6,6 +6,7 @@
     st.coactivation    # [layers, experts, experts] int64: tokens that chose both (diagonal = load)
     st.entropy_mean    # [layers] bits; st.entropy_hist [layers, bins] over [0, log2(experts)]
     st.top_tokens(layer, expert, k=10)   # token ids sent there most, from st.token_experts
+    st.save("stats.safetensors"); RoutingStats.from_file("stats.safetensors")
     merge_routing_stats(["a.safetensors", "b.safetensors"])   # parts from several processes, summed
 
 - texts: any iterable, consumed lazily: strings, dicts with a "text" key (HF datasets rows), or token-id
@@ -34,10 +35,9 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 
 from .errors import TraceModelMismatchError, WorkbenchError
-from .interventions import transform_router_logits
+from .capture import router_logits
 from .tracing import config_hash
 
 FORMAT, VERSION = "workbench-routing-stats", 1
@@ -204,7 +204,8 @@ class RoutingStats:
         return path
 
     @classmethod
-    def load(cls, path) -> "RoutingStats":
+    def from_file(cls, path) -> "RoutingStats":
+        """Read a file written by `save` (or a routing_stats checkpoint)."""
         from safetensors import safe_open
 
         try:
@@ -241,12 +242,17 @@ class RoutingStats:
             raise RoutingStatsMismatchError(f"{what} has other routed layers or experts than this run.")
 
 
+# `RoutingStats.load(path)` reads a file too, as `Trace.load` does; set after the class so that the field of the
+# same name (on an instance, `.load` is the expert-load tensor) keeps its own default.
+RoutingStats.load = classmethod(RoutingStats.from_file.__func__)
+
+
 # ---- reading routing during a batched forward ---------------------------------------------------------
 class _RouterHooks:
     """Pre-hooks on the routed MLPs: experts, weights and entropy of the non-pad rows of each forward.
 
     The arithmetic is the capture's (workbench/capture.py): F.linear on the MLP input with the router's
-    weight and bias (looked up at call time: offloading may swap them), then the active interventions'
+    weight and bias (looked up at call time: offloading swaps them), then the active interventions'
     logit transforms, then `adapter.route`.
     """
 
@@ -276,8 +282,7 @@ class _RouterHooks:
                 return
             x = args[0] if args else kwargs["hidden_states"]
             with torch.no_grad():
-                logits = F.linear(x.reshape(-1, x.shape[-1]), router.weight, getattr(router, "bias", None))
-                logits = transform_router_logits(module, logits)[self._mask(logits.device)]
+                logits = router_logits(module, router, x)[self._mask(x.device)]
                 indices, weights = self.adapter.route(logits, self.config)
                 entropy = torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum(-1) / math.log(2)
             self.out[layer] = (indices, weights, entropy)
@@ -355,7 +360,7 @@ def routing_stats(session, texts: Iterable, *, batch_size: int = 8, max_tokens: 
             "max_tokens": max_tokens, "bins": bins, "token_table": bool(token_table)}
     stats = RoutingStats.empty(layers, adapter.num_experts(config), adapter.top_k(config), meta, device)
     if checkpoint is not None and Path(checkpoint).exists():
-        saved = RoutingStats.load(checkpoint)
+        saved = RoutingStats.from_file(checkpoint)
         stats.check_compatible(saved, f"checkpoint {checkpoint}")
         stats = saved.to(device)
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
@@ -398,7 +403,7 @@ def routing_stats(session, texts: Iterable, *, batch_size: int = 8, max_tokens: 
 def merge_routing_stats(parts) -> RoutingStats:
     """Sum routing statistics (paths or RoutingStats) computed on disjoint parts of a corpus, e.g. one per
     process; all parts must come from the same model and settings."""
-    parts = [p if isinstance(p, RoutingStats) else RoutingStats.load(p) for p in parts]
+    parts = [p if isinstance(p, RoutingStats) else RoutingStats.from_file(p) for p in parts]
     if not parts:
         raise RoutingStatsError("nothing to merge: pass at least one routing-stats file or object.")
     first = parts[0]

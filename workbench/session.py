@@ -128,6 +128,13 @@ class Session:
 
         return comparing.compare(self, prompt, interventions, **kwargs)
 
+    def routing_stats(self, texts, **kwargs):
+        """Routing aggregates over a corpus, streamed in right-padded batches (expert load, co-activation,
+        token -> expert table, router entropy); resumable with checkpoint=. See workbench/routing_stats.py."""
+        from .routing_stats import routing_stats
+
+        return routing_stats(self, texts, **kwargs)
+
     def widget(self, **defaults):
         """An ipywidgets generation widget with a token inspector (see workbench.widget)."""
         from .widget import widget
