@@ -16,6 +16,7 @@ import torch
 
 import workbench as wb
 from workbench import tracing
+from workbench.errors import InterventionError
 from workbench.widget import GenerationWidget, widget
 from workbench.views.inspector import MEAN, PAGE_SIZE
 
@@ -346,3 +347,136 @@ def test_smollm2_generate_stop_and_context_error(smollm2_session):
     finally:
         w.close()
     assert not our_threads()
+
+
+# ---- interventions panel --------------------------------------------------------------------------------
+
+def forward_logits(session, text="The sky is blue because"):
+    ids = torch.tensor([session.tokenizer.encode(text)])
+    with torch.no_grad():
+        return session.model(ids).logits
+
+
+def test_interventions_panel_rows_and_parsing(w, gpt_oss):
+    panel = w.interventions
+    assert panel in w.children and panel.selected_index is None  # collapsible, collapsed at first
+    assert panel.kinds == ["ablate experts", "force experts", "steer experts", "ablate heads", "scale sinks"]
+    assert panel.active() == [] and "none active" in panel.summary.value
+    panel.add("ablate experts", 1, "7, 2")
+    steer = panel.add("steer_experts", 2, "7:+2.0, 3:-1")
+    panel.add("ablate heads", 3, [0, 3])
+    sinks = panel.add("scale sinks", 0, 0.5, on=False)
+    assert panel.active() == [("ablate_experts", {1: [7, 2]}), ("steer_experts", {2: {7: 2.0, 3: -1.0}}),
+                              ("ablate_heads", {3: [0, 3]})]
+    assert "ablate experts L1: 7, 2" in panel.summary.value and "scale sinks" not in panel.summary.value
+    assert panel.get_title(0) == "interventions (3 on)"
+    sinks.on.value = True  # the checkbox, as a click sets it
+    assert panel.active()[-1] == ("scale_sinks", {0: 0.5}) and "scale sinks L0: 0.5" in panel.summary.value
+    assert [i.spec for i in panel.build()] == [{1: [2, 7]}, {2: {7: 2.0, 3: -1.0}}, {3: [0, 3]}, {0: 0.5}]
+    steer.remove_button.click()
+    assert len(panel.rows) == 3 and all(name != "steer_experts" for name, _ in panel.active())
+    panel.add("force experts", 0, "1 2 3")
+    with pytest.raises(InterventionError, match="exactly 4"):
+        panel.build()
+    panel.rows[-1].values.value = "1, x"
+    with pytest.raises(InterventionError, match=r"row 4 .*cannot read '1, x'"):
+        panel.active()
+    with pytest.raises(InterventionError, match="unknown intervention kind"):
+        panel.add("ablate neurons", 0, "1")
+    panel.clear()
+    assert panel.rows == [] and panel.active() == [] and "none active" in panel.summary.value
+    panel.add_button.click()  # a blank row of the first kind
+    assert panel.rows[0].kind.value == "ablate experts" and panel.rows[0].on.value
+
+
+def test_interventions_panel_offers_only_kinds_the_model_has(tiny_checkpoint):
+    s = wb.load(str(tiny_checkpoint("mixtral")), preset="cpu")
+    w = widget(s)
+    try:
+        assert w.interventions.kinds == ["ablate experts", "force experts", "steer experts", "ablate heads"]
+        with pytest.raises(InterventionError, match="scale sinks does not apply"):
+            w.interventions.add("scale sinks", 0, "0.5")
+    finally:
+        w.close()
+
+
+def test_ablated_experts_are_never_routed_and_the_model_is_restored(w, gpt_oss):
+    layer, ablated = 1, [0, 1]
+    before = forward_logits(gpt_oss)
+    w.max_new_tokens.value = 20
+    w.generate("Hi there")
+    g0 = w.wait(timeout=60)
+    w.inspector.select_token(0)
+    base = w.inspector.trace
+    row = base.routing.layers.index(layer)
+    assert any(e in base.routing.indices[row] for e in ablated)  # without the intervention they are used
+    assert w.generation_interventions == [] and w.inspector.interventions == ()
+
+    w.clear()
+    r = w.interventions.add("ablate experts", layer, "0, 1")
+    assert w.generate("Hi there")
+    g1 = w.wait(timeout=60)
+    assert w.error == "" and g1.token_ids != g0.token_ids  # the ablation changed the answer
+    assert w.generation_interventions == [("ablate_experts", {layer: ablated})]
+    for mlp in (gpt_oss.adapter.mlp_module(gpt_oss.model, i) for i in range(4)):  # undone once the run ended
+        assert "_workbench_router_transforms" not in mlp.__dict__ and "forward" not in mlp.__dict__
+    assert torch.equal(forward_logits(gpt_oss), before)
+
+    w.inspector.select_token(3)  # the inspector's trace replays the generation with its interventions
+    t = w.inspector.trace
+    assert t is not None and t.tokens.ids == g1.prompt_ids + g1.token_ids
+    used = t.routing.indices[row]
+    assert not any((used == e).any() for e in ablated)  # never, at any position
+    z = torch.tensor(w.inspector.experts_fig.data[0].z)
+    assert torch.all(z[row, ablated] == 0) and z[row].sum() > 0
+    assert "ablate_experts" in w.inspector.trace_note.value
+    assert torch.equal(forward_logits(gpt_oss), before)  # and undone after the trace too
+
+    w.clear()
+    r.on.value = False  # the row stays, switched off: the baseline answer again
+    assert w.interventions.active() == [] and w.generate("Hi there")
+    g2 = w.wait(timeout=60)
+    assert g2.token_ids == g0.token_ids and g2.text == g0.text and w.generation_interventions == []
+    w.inspector.select_token(0)
+    assert torch.equal(w.inspector.trace.routing.indices, base.routing.indices)
+    assert torch.equal(forward_logits(gpt_oss), before)
+
+
+def test_bad_intervention_row_shows_the_range_and_runs_nothing(w, gpt_oss):
+    before = forward_logits(gpt_oss)
+    w.interventions.add("ablate heads", 0, "1")  # valid, entered first: must be undone again
+    w.interventions.add("ablate experts", 9, "3")
+    with scripted(gpt_oss) as state:
+        assert not w.generate("Hi")
+    assert state["calls"] == 0 and not w.running and w.generation is None and not our_threads()
+    assert w.error.startswith("InterventionError") and "row 2" in w.error and "0..3" in w.error
+    assert w.error_area.layout.display == "" and "0..3" in w.error_area.value
+    assert w.prompt.value == "Hi" and w.history == []  # nothing lost
+    w.interventions.rows[1].layer.value = 1
+    w.interventions.rows[1].values.value = "3, 8"
+    assert not w.generate() and "expert 8" in w.error and "0..7" in w.error
+    assert gpt_oss._busy.acquire(blocking=False)  # the session is free
+    gpt_oss._busy.release()
+    attention = gpt_oss.adapter.attention_module(gpt_oss.model, 0)
+    assert not attention.o_proj._forward_pre_hooks
+    assert torch.equal(forward_logits(gpt_oss), before)
+
+
+def test_interventions_are_undone_after_stop(w, gpt_oss):
+    before = forward_logits(gpt_oss)
+    attention = gpt_oss.adapter.attention_module(gpt_oss.model, 2)
+    sinks, mlp = attention.sinks, gpt_oss.adapter.mlp_module(gpt_oss.model, 2)
+    w.interventions.add("scale sinks", 2, "0.0")
+    w.interventions.add("steer experts", 2, "5:+3, 6:-1")
+    w.interventions.add("ablate heads", 2, "1")
+    w.max_new_tokens.value = 400
+    with scripted(gpt_oss, delay=0.02):
+        assert w.generate("Tell me everything")
+        wait_for(lambda: w.token_count >= 3)
+        assert attention.sinks is not sinks and "_workbench_router_transforms" in mlp.__dict__  # active
+        w.stop()
+        g = w.wait(timeout=60)
+    assert g.finish_reason == "stopped" and len(w.generation_interventions) == 3
+    assert attention.sinks is sinks and "_workbench_router_transforms" not in mlp.__dict__
+    assert not attention.o_proj._forward_pre_hooks
+    assert torch.equal(forward_logits(gpt_oss), before)

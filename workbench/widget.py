@@ -6,6 +6,13 @@
     w                              # display it; or drive it from Python:
     w.generate("Why is the sky blue?"); w.wait(); w.generation, w.final_text
     w.stop(); w.clear(); w.inspector.select_token(3); w.close()
+    w.interventions.add("ablate experts", 3, "7, 12")   # the collapsible interventions panel, from Python
+
+Interventions (workbench/interventions.py) set in the panel apply to each generation: the rows that are on
+are parsed and validated when Generate is pressed (a bad row shows its error, and nothing runs), entered
+just before the run starts and exited by the streaming thread once it has ended (finished, stopped or
+failed), so the model is unchanged between generations. They are recorded with the generation, and the
+token inspector's trace re-enters them, so it shows the experts the model really used.
 
 Streaming runs in a background thread that reads the session's GenerationRun and updates the widget's
 traitlets, at most every `flush_interval` seconds (so a long answer does not flood the page). harmony
@@ -21,6 +28,7 @@ it as is. On Google Colab, enable third-party widgets once per notebook first:
 """
 from __future__ import annotations
 
+import contextlib
 import html
 import threading
 import time
@@ -30,7 +38,7 @@ import traitlets
 
 from . import chat as chat_format
 from .errors import BusyError, SamplingError
-from .views.inspector import TokenInspector
+from .views.interventions_panel import InterventionInspector, InterventionsPanel
 
 DEFAULTS = dict(prompt="", system="", developer="", reasoning_effort="medium", temperature=1.0, top_p=1.0,
                 max_new_tokens=512, seed=None)
@@ -66,6 +74,7 @@ class GenerationWidget(widgets.VBox):
         self.harmony = session.harmony
         self.history: list[dict] = []      # the conversation so far, as chat messages
         self.generation = None             # the last finished Generation
+        self.generation_interventions: list[tuple[str, dict]] = []  # what was active for it: (name, spec)
 
         full = widgets.Layout(width="100%")
         self.prompt = widgets.Textarea(value=o["prompt"], placeholder="Ask something…", rows=3, layout=full)
@@ -105,7 +114,8 @@ class GenerationWidget(widgets.VBox):
         self.analysis = widgets.Accordion([self.analysis_pane], titles=("analysis (reasoning)",), selected_index=0,
                                           layout=widgets.Layout(display="none"))
         self.final_pane = widgets.HTML()
-        self.inspector = TokenInspector(session)
+        self.interventions = InterventionsPanel(session)
+        self.inspector = InterventionInspector(session)
         self.inspector.add_class("wb-inspector")
         for w, name in ((self.final_pane, "wb-final"), (self.analysis_pane, "wb-analysis"),
                         (self.error_area, "wb-error"), (self.status_label, "wb-status"),
@@ -117,7 +127,8 @@ class GenerationWidget(widgets.VBox):
                                 layout=widgets.Layout(flex_flow="row wrap"))
         sliders = widgets.HBox([self.temperature, self.top_p], layout=widgets.Layout(flex_flow="row wrap"))
         buttons = widgets.HBox([self.generate_button, self.stop_button, self.clear_button, self.status_label])
-        super().__init__([self.history_view, self.prompt, self.instructions, controls, sliders, buttons,
+        super().__init__([self.history_view, self.prompt, self.instructions, controls, sliders, self.interventions,
+                          buttons,
                           self.error_area, self.analysis, self.final_pane, self.inspector])
         self.add_class("wb-widget")
 
@@ -137,19 +148,27 @@ class GenerationWidget(widgets.VBox):
             self.error = "Type a prompt first."
             return False
         messages = self.history + [{"role": "user", "content": text}]
+        stack = contextlib.ExitStack()  # the interventions, left by the streaming thread once the run ends
         try:
+            interventions = self.interventions.build()  # parsed and checked before anything changes
+            for intervention in interventions:
+                stack.enter_context(intervention)
             run = self.session.stream(messages, **self.options())
         except BusyError:
+            stack.close()
             self.error = _BUSY + " (another generation on this session)"
             return False
-        except Exception as e:  # context length, sampling values, chat template: shown, not lost in a log
+        except Exception as e:  # bad intervention, context length, sampling values, chat template: shown
+            stack.close()
             self.error = f"{type(e).__name__}: {e}"
             return False
         self.error = ""
         self._run = run
         self._begin_turn(text)
         self.running = True
-        self._thread = threading.Thread(target=self._consume, args=(run, text), name="workbench-widget", daemon=True)
+        records = [(i.name, i.spec) for i in interventions]
+        self._thread = threading.Thread(target=self._consume, args=(run, text, stack, records),
+                                        name="workbench-widget", daemon=True)
         self._thread.start()
         return True
 
@@ -189,7 +208,7 @@ class GenerationWidget(widgets.VBox):
         if self.running:
             self.error = "Stop the generation before clearing the conversation."
             return False
-        self.history, self.generation = [], None
+        self.history, self.generation, self.generation_interventions = [], None, []
         self.error = self.status = self.final_text = self.analysis_text = ""
         self.token_count = 0
         self.history_view.value = ""
@@ -224,7 +243,7 @@ class GenerationWidget(widgets.VBox):
         self.inspector.reset("(generating…)")
         self.prompt.value = ""
 
-    def _consume(self, run, user_text: str) -> None:
+    def _consume(self, run, user_text: str, stack: contextlib.ExitStack, records: list) -> None:
         channels: dict[str, str] = {}
         start, last_flush, n = time.perf_counter(), 0.0, 0
         try:
@@ -238,14 +257,15 @@ class GenerationWidget(widgets.VBox):
         except Exception:
             pass  # the run keeps the exception; result(raise_errors=False) reports it below
         finally:
-            self._finish(run, user_text, channels)
+            self._finish(run, user_text, stack, records)
 
-    def _finish(self, run, user_text: str, channels: dict) -> None:
+    def _finish(self, run, user_text: str, stack: contextlib.ExitStack, records: list) -> None:
         try:
             g = run.result(raise_errors=False)
+            stack.close()  # the run has ended: undo the interventions (waits until the session is idle)
             if g is None:  # the run could not even build a Generation
                 raise RuntimeError(run._job.error or "the generation ended without a result")
-            self.generation = g
+            self.generation, self.generation_interventions = g, records
             self._show(g.channels, len(g.token_ids),
                        f"{len(g.token_ids)} tokens · {g.tokens_per_second:.1f} tok/s · {g.finish_reason} · "
                        f"seed {g.params.seed}")
@@ -257,12 +277,16 @@ class GenerationWidget(widgets.VBox):
                     self.error = ""  # the refusal no longer applies
                 self.history += [{"role": "user", "content": user_text}, self._assistant_message(g)]
             if not self._closed:
-                self.inspector.show(g)
+                self.inspector.show(g, records)
             # the panes hold this turn's answer; the history above them shows what came before it
             self._render_history(pending=None if g.error else user_text)
         except Exception as e:  # a widget that says why beats a widget stuck in "running"
             self.error = f"{type(e).__name__}: {e}"
         finally:
+            try:
+                stack.close()  # no-op unless something above failed first
+            except Exception as e:
+                self.error = f"undoing the interventions failed: {type(e).__name__}: {e}"
             self._run = None
             self.running = False
 

@@ -1,0 +1,197 @@
+"""The generation widget's "interventions" panel: rows the user adds, each one intervention on one layer.
+
+    w.interventions.add("ablate experts", 1, "7, 12")      # kind, layer, values; on=True
+    w.interventions.add("steer_experts", 2, "7:+2.0, 3:-1")
+    w.interventions.add("scale sinks", 0, "0.5", on=False)
+    w.interventions.active()   # [("ablate_experts", {1: [7, 12]}), ("steer_experts", {2: {7: 2.0, 3: -1.0}})]
+
+`build()` parses and validates the rows that are on and returns fresh Intervention objects (not entered):
+a bad row raises InterventionError naming the row and, from workbench.interventions, the valid range.
+Only the kinds that fit the model are offered: routing kinds for MoE models, sinks for models with sinks.
+"""
+from __future__ import annotations
+
+import contextlib
+import html
+import re
+
+import ipywidgets as widgets
+
+from ..errors import InterventionError
+from ..interventions import INTERVENTIONS
+from .inspector import TokenInspector
+
+# label shown in the dropdown -> workbench.interventions name, and what its values field takes
+KINDS = {"ablate experts": "ablate_experts", "force experts": "force_experts", "steer experts": "steer_experts",
+         "ablate heads": "ablate_heads", "scale sinks": "scale_sinks"}
+PLACEHOLDERS = {"ablate_experts": "experts, e.g. 7, 12", "force_experts": "k experts, e.g. 0, 1, 2, 3",
+                "steer_experts": "expert:amount, e.g. 7:+2.0, 3:-1", "ablate_heads": "heads, e.g. 0, 3",
+                "scale_sinks": "factor, e.g. 0.5"}
+_LABELS = {name: label for label, name in KINDS.items()}
+
+
+def kinds_for(session) -> list[str]:
+    """The dropdown labels valid for this session's model."""
+    adapter = session.adapter
+    return [label for label, name in KINDS.items()
+            if (adapter.is_moe or not name.endswith("_experts")) and (adapter.has_sinks or name != "scale_sinks")]
+
+
+def parse_values(name: str, text: str):
+    """The values field of a row as the intervention's per-layer value (InterventionError if malformed)."""
+    items = [x for x in re.split(r"[,\s]+", text.strip()) if x]
+    if not items:
+        raise InterventionError(f"no values: {name} takes {PLACEHOLDERS[name]}")
+    try:
+        if name == "scale_sinks":
+            if len(items) != 1:
+                raise ValueError
+            return float(items[0])
+        if name == "steer_experts":
+            pairs = [item.split(":") for item in items]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError
+            return {int(e): float(a) for e, a in pairs}
+        return [int(x) for x in items]
+    except ValueError:
+        raise InterventionError(f"cannot read {text!r}: {name} takes {PLACEHOLDERS[name]}") from None
+
+
+def _name(kind: str) -> str:
+    name = KINDS.get(kind, kind)
+    if name not in INTERVENTIONS:
+        raise InterventionError(f"unknown intervention kind {kind!r}; choose from {sorted(KINDS)}")
+    return name
+
+
+class InterventionRow(widgets.HBox):
+    """kind · layer · values · on · remove."""
+
+    def __init__(self, panel: "InterventionsPanel", kind: str, layer: int = 0, values: str = "", on: bool = True):
+        self.kind = widgets.Dropdown(options=panel.kinds, value=kind, layout=widgets.Layout(width="150px"))
+        self.layer = widgets.IntText(value=layer, description="layer", layout=widgets.Layout(width="130px"),
+                                     style={"description_width": "40px"})
+        self.values = widgets.Text(value=values, placeholder=PLACEHOLDERS[KINDS[kind]],
+                                   layout=widgets.Layout(width="240px"))
+        self.on = widgets.Checkbox(value=on, description="on", indent=False, layout=widgets.Layout(width="50px"))
+        self.remove_button = widgets.Button(icon="times", tooltip="remove this row",
+                                            layout=widgets.Layout(width="36px"))
+        self.remove_button.on_click(lambda _: panel.remove(self))
+        self.kind.observe(lambda ch: setattr(self.values, "placeholder", PLACEHOLDERS[KINDS[ch["new"]]]), "value")
+        for control in (self.kind, self.layer, self.values, self.on):
+            control.observe(lambda _: panel.refresh(), "value")
+        super().__init__([self.kind, self.layer, self.values, self.on, self.remove_button])
+
+    @property
+    def name(self) -> str:
+        return KINDS[self.kind.value]
+
+    def spec(self) -> tuple[str, dict]:
+        """(intervention name, {layer: values}), values parsed but not yet checked against the model."""
+        return self.name, {int(self.layer.value): parse_values(self.name, self.values.value)}
+
+    def describe(self) -> str:
+        return f"{self.kind.value} L{self.layer.value}: {self.values.value.strip() or '∅'}"
+
+
+class InterventionsPanel(widgets.Accordion):
+    """A collapsible list of intervention rows, an "add" button and a summary of what is on."""
+
+    def __init__(self, session):
+        self.session = session
+        self.kinds = kinds_for(session)
+        self.rows: list[InterventionRow] = []
+        self.rows_box = widgets.VBox()
+        self.add_button = widgets.Button(description="add", icon="plus", layout=widgets.Layout(width="80px"))
+        self.add_button.on_click(lambda _: self.add(self.kinds[0], 0, ""))
+        self.summary = widgets.HTML()
+        self.summary.add_class("wb-interventions-summary")
+        super().__init__([widgets.VBox([self.rows_box, widgets.HBox([self.add_button, self.summary])])],
+                         titles=("interventions",), selected_index=None)
+        self.add_class("wb-interventions")
+        self.refresh()
+
+    def add(self, kind: str, layer: int, values, on: bool = True) -> InterventionRow:
+        """Add a row. `kind`: a label ("ablate experts") or a name ("ablate_experts"); `values` as typed
+        ("7, 12", "7:+2.0, 3:-1", "0.5") or as Python (a list, a {expert: amount} dict, a number)."""
+        label = _LABELS[_name(kind)]
+        if label not in self.kinds:
+            raise InterventionError(f"{label} does not apply to this model ({self.session.adapter.family}); "
+                                    f"it takes {self.kinds}")
+        if isinstance(values, dict):
+            values = ", ".join(f"{e}:{a:+g}" for e, a in values.items())
+        elif isinstance(values, (list, tuple, set)):
+            values = ", ".join(map(str, values))
+        row = InterventionRow(self, label, layer, str(values), on)
+        self.rows.append(row)
+        self.rows_box.children = tuple(self.rows)
+        self.refresh()
+        return row
+
+    def remove(self, row: InterventionRow) -> None:
+        self.rows.remove(row)
+        self.rows_box.children = tuple(self.rows)
+        row.close()
+        self.refresh()
+
+    def clear(self) -> None:
+        """Remove every row."""
+        for row in list(self.rows):
+            self.remove(row)
+
+    def active(self) -> list[tuple[str, dict]]:
+        """The rows that are on, as (intervention name, {layer: values}); InterventionError if one is malformed."""
+        return [self._checked(i, row, row.spec) for i, row in enumerate(self.rows) if row.on.value]
+
+    def build(self) -> list:
+        """Fresh, validated (not entered) Intervention objects for the rows that are on, in row order."""
+        built = []
+        for i, row in enumerate(self.rows):
+            if row.on.value:
+                name, spec = self._checked(i, row, row.spec)
+                built.append(self._checked(i, row, lambda: INTERVENTIONS[name](self.session, spec)))
+        return built
+
+    def _checked(self, i: int, row: InterventionRow, make):
+        try:
+            return make()
+        except InterventionError as e:
+            raise InterventionError(f"interventions row {i + 1} ({row.describe()}): {e}") from None
+
+    def refresh(self) -> None:
+        on = [row.describe() for row in self.rows if row.on.value]
+        self.summary.value = ("<span style='color:#a50'>active: " + html.escape(" · ".join(on)) + "</span>") if on \
+            else "<span style='color:#888'>none active</span>"
+        self.set_title(0, f"interventions ({len(on)} on)" if on else "interventions")
+
+
+class InterventionInspector(TokenInspector):
+    """A TokenInspector whose on-demand trace re-enters the interventions that were active for its
+    generation, so the experts and attention it shows are the ones the model used for those tokens."""
+
+    interventions: tuple = ()  # (name, spec) pairs recorded with the shown generation
+
+    def reset(self, note: str = "(generate first)") -> None:
+        super().reset(note)
+        self.interventions = ()
+
+    def show(self, generation, interventions=()) -> None:
+        super().show(generation)
+        self.interventions = tuple(interventions)
+
+    def _ensure_trace(self) -> None:
+        if not self.interventions or self._traced is self.generation or self.session is None:
+            return super()._ensure_trace()
+        try:
+            with contextlib.ExitStack() as stack:
+                for name, spec in self.interventions:
+                    stack.enter_context(INTERVENTIONS[name](self.session, spec))
+                super()._ensure_trace()
+        except Exception as e:  # refused on entry (a generation running elsewhere): try again on the next click
+            self._traced, self.trace = None, None
+            self.trace_error = f"{type(e).__name__}: {e}"
+            self.trace_note.value = f"<div style='color:#b00'>no trace: {html.escape(self.trace_error)}</div>"
+            return
+        if self.trace is not None:
+            self.trace_note.value = ("<div style='color:#a50;font-size:90%'>traced with its interventions: "
+                                     + html.escape(" · ".join(f"{n} {s}" for n, s in self.interventions)) + "</div>")
