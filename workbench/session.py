@@ -4,13 +4,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import chat as chat_format
 from . import generation
 from .adapters import Adapter
 from .errors import BusyError
 from .report import LoadReport
+
+if TYPE_CHECKING:
+    from . import tracing
 
 
 @dataclasses.dataclass
