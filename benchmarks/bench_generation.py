@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import pathlib
 import platform
@@ -29,8 +28,8 @@ import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from workbench import chat, generation
+from results_file import RESULTS, record  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
-RESULTS = pathlib.Path(__file__).with_name("results.json")
 
 
 def load_smollm2():
@@ -110,11 +109,7 @@ def main():
                     platform.machine(), "python": platform.python_version()},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    data["generation"] = result
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, RESULTS)
+    record("generation", result)
 
     print(f"{'rep':>3}  {'plain tok/s':>11}  {'workbench tok/s':>15}  {'ratio':>6}")
     for i, (p, o, r) in enumerate(zip(plain, ours, ratios)):

@@ -48,9 +48,9 @@ import statistics
 import subprocess
 import sys
 import time
+from results_file import record  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RESULTS = pathlib.Path(__file__).with_name("results.json")
 VARIANTS = ("plain", "plain_eager", "workbench", "workbench_patterns", "nnsight", "nnsight_no_grad")
 EAGER = {"plain_eager", "nnsight", "nnsight_no_grad"}
 
@@ -295,9 +295,7 @@ def main() -> None:
                      "nnsight": nnsight.__version__, "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%d"),
     }
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results["nnsight"] = out
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    record("nnsight", out)
 
     cpu, wall = timing["cpu_seconds_median"], timing["wall_seconds_median"]
     print(f"\n{'variant':<20}{'CPU s':>8}{'wall s':>8}{'peak MB':>10}{'+MB':>9}")

@@ -31,8 +31,8 @@ import workbench as wb  # noqa: E402
 from bench_tracing import interleaved  # noqa: E402
 from workbench.routing_stats import forward_kwargs, pad_right, routing_stats, token_ids  # noqa: E402
 from workbench.testing_tokenizer import build_tokenizer  # noqa: E402
+from results_file import record  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
-RESULTS = pathlib.Path(__file__).with_name("results.json")
 WORDS = "the cat sat on a mat while seven tired dogs barked at noon under grey skies and slept".split()
 
 
@@ -95,9 +95,7 @@ def main() -> None:
            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
            "date": time.strftime("%Y-%m-%d")}
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results["routing_stats"] = out
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    record("routing_stats", out)
     print(json.dumps({k: out[k] for k in ("tokens", "tokens_per_second_median", "throughput_vs_plain_cpu",
                                           "throughput_vs_plain_wall")}, indent=2))
 

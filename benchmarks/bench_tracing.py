@@ -29,8 +29,8 @@ import transformers
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from workbench.adapters import adapter_for  # noqa: E402
 from workbench.tracing import trace, trace_bytes  # noqa: E402
+from results_file import record  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
-RESULTS = pathlib.Path(__file__).with_name("results.json")
 
 
 def timed(fn) -> tuple[float, float]:
@@ -148,9 +148,7 @@ def main() -> None:
            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
            "date": time.strftime("%Y-%m-%d")}
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results["tracing"] = out
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    record("tracing", out)
     print(json.dumps(out, indent=2))
 
 

@@ -12,7 +12,6 @@ benchmarks/results.json under "widget" (other benchmarks keep their own keys).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import platform
@@ -33,8 +32,8 @@ import workbench as wb
 from workbench import chat
 from workbench.testing import smollm2_path
 from workbench.widget import GenerationWidget, widget
+from results_file import RESULTS, record  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
-RESULTS = pathlib.Path(__file__).with_name("results.json")
 PROMPT = "Write a long story about a cat."
 
 
@@ -113,11 +112,7 @@ def main():
                     "processor": platform.processor() or platform.machine(), "python": platform.python_version()},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}  # read-modify-write: keep other keys
-    data["widget"] = result
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, RESULTS)
+    record("widget", result)
 
     print(f"{'rep':>3}  {'plain tok/s':>11}  {'widget tok/s':>12}  {'ratio':>6}")
     for i, (p, o, r) in enumerate(zip(plain, ours, ratios)):

@@ -259,6 +259,11 @@ class _RoutingIntervention(Intervention):
                                     f"0..{n - 1}.")
         return int(expert)
 
+    def _experts(self, layer: int, experts) -> list[int]:
+        """One expert or several, checked, sorted and de-duplicated."""
+        experts = [experts] if _is_int(experts) else list(experts)
+        return sorted({self._expert(layer, e) for e in experts})
+
     def _transform(self, layer: int, value) -> LogitTransform:
         raise NotImplementedError
 
@@ -295,8 +300,7 @@ class ablate_experts(_RoutingIntervention):
         out = {}
         for layer, experts in self._spec_dict(spec).items():
             layer = self._layer(layer)
-            experts = [experts] if _is_int(experts) else list(experts)
-            out[layer] = sorted({self._expert(layer, e) for e in experts})
+            out[layer] = self._experts(layer, experts)
         return out
 
     def _transform(self, layer, experts):
@@ -317,8 +321,8 @@ class force_experts(_RoutingIntervention):
         k = self.adapter.top_k(self.config)
         for layer, experts in self._spec_dict(spec).items():
             layer = self._layer(layer)
+            chosen = self._experts(layer, experts)
             experts = [experts] if _is_int(experts) else list(experts)
-            chosen = sorted({self._expert(layer, e) for e in experts})
             if len(chosen) != k or len(experts) != k:
                 raise InterventionError(f"force_experts needs exactly {k} distinct experts per layer (the model "
                                         f"chooses {k} per token); layer {layer} got {experts!r}.")

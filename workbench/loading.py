@@ -9,7 +9,6 @@ import torch
 
 from . import hardware, planning, sources
 from .adapters import adapter_for
-from .errors import PresetError
 from .presets import Preset, get_preset
 from .report import LoadReport, WarningCollector, actual_quantization, measure
 from .session import Session
@@ -92,11 +91,7 @@ def _from_pretrained_kwargs(row: Preset, source: "sources.Source", offload_folde
 
     if row.quantization == "mxfp4":
         if not mxfp4_checkpoint:
-            # Quantizing bf16 weights to mxfp4 on load needs the native kernels.
-            reason = hardware.mxfp4_unavailable_reason()
-            if reason:
-                raise PresetError(f"preset 'mxfp4' on a bf16 checkpoint would quantize on load, which needs native "
-                                  f"mxfp4 kernels: {reason}. Use preset 'bf16' (or 'nf4'/'int8') instead.")
+            # Quantize bf16 weights on load; the plan has already refused this where native kernels are missing.
             kwargs["quantization_config"] = Mxfp4Config()
     elif mxfp4_checkpoint:
         # Every other preset runs bf16 experts: ask transformers to dequantize instead of letting it guess.
