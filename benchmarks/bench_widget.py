@@ -29,9 +29,9 @@ import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import workbench as wb
-from workbench import chat
-from workbench.testing import smollm2_path
-from workbench.widget import GenerationWidget, widget
+from workbench.chat import harmony as chat
+from workbench.fixtures.checkpoints import smollm2_path
+from workbench.ui.widget import GenerationWidget, widget
 from results_file import RESULTS, record  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 PROMPT = "Write a long story about a cat."

@@ -9,9 +9,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    from workbench import testing
+    from workbench import fixtures
 
-    return testing.smollm2_path()
+    return fixtures.smollm2_path()
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +24,6 @@ def smollm2_session(smollm2_dir):
 @pytest.fixture(scope="session")
 def tiny_checkpoint():
     """tiny_checkpoint(family, mxfp4=False) -> folder of a tiny real-layout checkpoint."""
-    from workbench import testing
+    from workbench import fixtures
 
-    return testing.tiny_checkpoint
+    return fixtures.tiny_checkpoint

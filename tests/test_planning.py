@@ -9,7 +9,10 @@ import json
 
 import pytest
 
-from workbench import errors, hardware, planning, sources
+from workbench import errors
+from workbench.model import hardware
+from workbench.model import planning
+from workbench.model import sources
 
 GB = 10**9
 GPT_OSS = "openai/gpt-oss-20b"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.routing_stats import (RoutingStats, RoutingStatsError, RoutingStatsMismatchError,
+from workbench.analysis.routing_stats import (RoutingStats, RoutingStatsError, RoutingStatsMismatchError,
                                      merge_routing_stats, routing_stats)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,7 +205,7 @@ def test_accelerate_launch_two_processes_then_merge(session, tiny_checkpoint, tm
         torch.set_num_threads(1)
         from accelerate import PartialState
         import workbench as wb
-        from workbench.routing_stats import routing_stats
+        from workbench.analysis.routing_stats import routing_stats
         state = PartialState(cpu=not torch.cuda.is_available())
         s = wb.load({str(tiny_checkpoint("gpt_oss"))!r}, preset="cpu")
         with state.split_between_processes({texts!r}) as part:
@@ -230,7 +230,7 @@ sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads(1)
 import workbench as wb
-from workbench.routing_stats import routing_stats
+from workbench.analysis.routing_stats import routing_stats
 words = {words!r}
 def texts(n):  # a generator: the corpus never exists as a whole
     for i in range(n):

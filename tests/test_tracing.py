@@ -12,10 +12,10 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GptOssConfig, Gpt
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
-from workbench import testing
-from workbench.adapters import adapter_for
-from workbench.capture import CaptureError, capture
-from workbench.tracing import (CaptureBudgetError, Trace, TraceFileError, TraceModelMismatchError, parse_bytes,
+from workbench import fixtures
+from workbench.model.adapters import adapter_for
+from workbench.inspect.capture import CaptureError, capture
+from workbench.inspect.trace import (CaptureBudgetError, Trace, TraceFileError, TraceModelMismatchError, parse_bytes,
                                trace, trace_bytes)
 
 COMMON = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -45,8 +45,8 @@ def tiny(family: str, dtype=torch.float32, attn: str = "eager"):
     """A tiny model of `family` (cached): the on-disk real-layout fixture for the MoE families, loaded through
     from_pretrained; llama/mistral built in memory with weights ~N(0, 0.1) so attention is not flat."""
     key = (family, dtype, attn)
-    if key not in _cache and family in testing.FAMILIES:
-        path = testing.tiny_checkpoint(family)
+    if key not in _cache and family in fixtures.FAMILIES:
+        path = fixtures.tiny_checkpoint(family)
         _cache[key] = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).eval()
     if key not in _cache:
         torch.manual_seed(0)
@@ -388,9 +388,9 @@ def test_mxfp4_fixture_routing_agrees_with_bf16_except_near_ties():
     is bitwise equal; later layers differ only where the top-k margin is smaller than the router-logit shift
     the rounding caused (measured: 22 of 150 token-layers on a 50-token text)."""
     bf16 = tiny("gpt_oss", torch.bfloat16)
-    mx = AutoModelForCausalLM.from_pretrained(testing.tiny_checkpoint("gpt_oss", mxfp4=True)).eval()
+    mx = AutoModelForCausalLM.from_pretrained(fixtures.tiny_checkpoint("gpt_oss", mxfp4=True)).eval()
     adapter, _ = adapter_for(mx.config)
-    tokenizer = AutoTokenizer.from_pretrained(testing.tiny_checkpoint("gpt_oss"))
+    tokenizer = AutoTokenizer.from_pretrained(fixtures.tiny_checkpoint("gpt_oss"))
     text = ("The quick brown fox jumps over the lazy dog. What is the capital of France? The capital of France is "
             "Paris. Attention lets every token look back.")
     x = torch.tensor([tokenizer(text)["input_ids"]])
@@ -413,12 +413,12 @@ def test_mxfp4_fixture_routing_agrees_with_bf16_except_near_ties():
 
 
 def test_routing_read_where_the_router_module_is_never_called():
-    model = AutoModelForCausalLM.from_pretrained(testing.tiny_checkpoint("gpt_oss"), dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(fixtures.tiny_checkpoint("gpt_oss"), dtype=torch.bfloat16).eval()
     adapter, _ = adapter_for(model.config)
     x = ids(16)
     before = logits(model, x)
     for layer in model.model.layers:
-        layer.mlp = testing.MLPThatNeverCallsItsRouter(layer.mlp)
+        layer.mlp = fixtures.MLPThatNeverCallsItsRouter(layer.mlp)
     fired = []
     handles = [layer.mlp.router.register_forward_hook(lambda *a: fired.append(1)) for layer in model.model.layers]
     t = trace(model, None, adapter, x, what=["routing"])
@@ -437,7 +437,7 @@ def test_bitsandbytes_presets(bits):
 
     q = (BitsAndBytesConfig(load_in_8bit=True) if bits == "int8" else
          BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
-    model = AutoModelForCausalLM.from_pretrained(testing.tiny_checkpoint("gpt_oss"), quantization_config=q,
+    model = AutoModelForCausalLM.from_pretrained(fixtures.tiny_checkpoint("gpt_oss"), quantization_config=q,
                                                  dtype=torch.bfloat16).eval()
     adapter, _ = adapter_for(model.config)
     x = ids(12)
@@ -453,13 +453,13 @@ def test_bitsandbytes_presets(bits):
 def test_trace_of_text_messages_and_generation_with_tokenizer():
     model = tiny("gpt_oss")
     adapter, _ = adapter_for(model.config)
-    tokenizer = AutoTokenizer.from_pretrained(testing.tiny_checkpoint("gpt_oss"))
+    tokenizer = AutoTokenizer.from_pretrained(fixtures.tiny_checkpoint("gpt_oss"))
     t = trace(model, tokenizer, adapter, "The capital of France is Paris.", what=["routing"])
     assert "".join(t.tokens.strings) == tokenizer.decode(t.tokens.ids)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     m = trace(model, tokenizer, adapter, messages, what=["routing"])
     assert "<|start|>" in m.tokens.strings and m.meta["tokenizer"] == tokenizer.name_or_path
-    generation = pytest.importorskip("workbench.generation")
+    generation = pytest.importorskip("workbench.chat.generation")
     fields = {f.name for f in __import__("dataclasses").fields(generation.Generation)}
     assert {"prompt_ids", "token_ids", "token_channels"} <= fields
 
@@ -486,6 +486,6 @@ def test_smollm2_real_model(smollm2_dir):
 
 
 def _render(tokenizer, messages):
-    from workbench import chat
+    from workbench.chat import harmony as chat
 
     return chat.render(tokenizer, messages)

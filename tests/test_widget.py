@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench import tracing
+from workbench.inspect import trace as tracing
 from workbench.errors import InterventionError
-from workbench.widget import GenerationWidget, widget
-from workbench.views.inspector import MEAN, PAGE_SIZE
+from workbench.ui.widget import GenerationWidget, widget
+from workbench.ui.inspector import MEAN, PAGE_SIZE
 
 HARMONY_SCRIPT = ("<|channel|>analysis<|message|>The user greets me. I greet back.<|end|>"
                   "<|start|>assistant<|channel|>final<|message|>Hello to you!<|return|>")

@@ -6,14 +6,14 @@ import dataclasses
 import threading
 from typing import TYPE_CHECKING, Any
 
-from . import chat as chat_format
-from . import generation
-from .adapters import Adapter
-from .errors import BusyError
-from .report import LoadReport
+from workbench.chat import harmony as chat_format
+from workbench.chat import generation
+from workbench.model.adapters import Adapter
+from workbench.errors import BusyError
+from workbench.model.report import LoadReport
 
 if TYPE_CHECKING:
-    from . import tracing
+    from workbench.inspect import trace as tracing
 
 
 @dataclasses.dataclass
@@ -68,7 +68,7 @@ class Session:
         Tracing a Generation replays prompt + completion in a single forward: by causality every token
         sees exactly what it saw while being generated.
         """
-        from . import tracing
+        from workbench.inspect import trace as tracing
 
         with self._exclusive("tracing"):
             return tracing.trace(self.model, self.tokenizer, self.adapter, inputs, what=what, layers=layers,
@@ -77,7 +77,7 @@ class Session:
     @contextlib.contextmanager
     def capture(self, *, what=None, layers=None, heads=None, dtype=None, budget=None):
         """`with s.capture(...) as cap: s.model(...)`, then `cap.trace(s.tokenizer)`."""
-        from .capture import capture
+        from workbench.inspect.capture import capture
 
         with self._exclusive("capturing"), capture(self.model, self.adapter, what=what, layers=layers, heads=heads,
                                                    dtype=dtype, budget=budget) as cap:
@@ -97,50 +97,50 @@ class Session:
     # ---- interventions: context managers that change the model only inside `with` ----
     def ablate_experts(self, experts: dict):
         """`with s.ablate_experts({layer: [experts]}):` never chosen there; top-k over the rest."""
-        from . import interventions
+        from workbench.intervene import interventions
 
         return interventions.ablate_experts(self, experts)
 
     def force_experts(self, experts: dict):
         """`with s.force_experts({layer: [k experts]}):` exactly those, weighted by the router over their logits."""
-        from . import interventions
+        from workbench.intervene import interventions
 
         return interventions.force_experts(self, experts)
 
     def steer_experts(self, deltas: dict):
         """`with s.steer_experts({layer: {expert: amount}}):` added to those router logits."""
-        from . import interventions
+        from workbench.intervene import interventions
 
         return interventions.steer_experts(self, deltas)
 
     def ablate_heads(self, heads: dict):
         """`with s.ablate_heads({layer: [heads]}):` those heads' outputs zeroed before o_proj."""
-        from . import interventions
+        from workbench.intervene import interventions
 
         return interventions.ablate_heads(self, heads)
 
     def scale_sinks(self, factors: dict):
         """`with s.scale_sinks({layer: factor}):` gpt-oss attention-sink logits multiplied by factor."""
-        from . import interventions
+        from workbench.intervene import interventions
 
         return interventions.scale_sinks(self, factors)
 
     def compare(self, prompt, interventions, **kwargs):
         """Texts, per-token KL (teacher-forced on the baseline's tokens) and routing diff per variant."""
-        from . import compare as comparing
+        from workbench.intervene import compare as comparing
 
         return comparing.compare(self, prompt, interventions, **kwargs)
 
     def routing_stats(self, texts, **kwargs):
         """Routing aggregates over a corpus, streamed in right-padded batches (expert load, co-activation,
         token -> expert table, router entropy); resumable with checkpoint=. See workbench/routing_stats.py."""
-        from .routing_stats import routing_stats
+        from workbench.analysis.routing_stats import routing_stats
 
         return routing_stats(self, texts, **kwargs)
 
     def widget(self, **defaults):
         """An ipywidgets generation widget with a token inspector (see workbench.widget)."""
-        from .widget import widget
+        from workbench.ui.widget import widget
 
         return widget(self, **defaults)
 

@@ -16,12 +16,12 @@ last in a cell; plotly's own bundled JavaScript renders it, nothing is fetched f
 Long traces are windowed (attention and expert heatmaps: the last 256 tokens; lens grid: the last 64) and
 the subtitle says which tokens are shown; pass window=n or window=(start, stop) to choose.
 """
-from .attention import attention_heatmap
-from .flow import coactivation, expert_flow
-from .heads import head_grid, sink_mass
-from .labels import token_labels, visible
-from .lens import logit_lens_grid
-from .routing import expert_heatmap, expert_load, routing_entropy
+from workbench.views.attention import attention_heatmap
+from workbench.views.flow import coactivation, expert_flow
+from workbench.views.heads import head_grid, sink_mass
+from workbench.views.labels import token_labels, visible
+from workbench.views.lens import logit_lens_grid
+from workbench.views.routing import expert_heatmap, expert_load, routing_entropy
 
 __all__ = ["attention_heatmap", "head_grid", "sink_mass", "expert_heatmap", "expert_load", "expert_flow",
            "coactivation", "routing_entropy", "logit_lens_grid", "token_labels", "visible"]

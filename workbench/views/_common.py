@@ -7,8 +7,8 @@ import operator
 import plotly.graph_objects as go
 import torch
 
-from ..adapters import ADAPTERS
-from ..errors import CaptureError
+from workbench.model.adapters import ADAPTERS
+from workbench.errors import CaptureError
 
 # One colour language across views: probabilities and weights in blue on a fixed 0..1 range (so two
 # figures can be compared by eye), entropies in viridis from 0 bits, counts in blue from 0.

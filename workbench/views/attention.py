@@ -15,8 +15,8 @@ import math
 import plotly.graph_objects as go
 import torch
 
-from . import _common as c
-from .labels import token_labels
+from workbench.views import _common as c
+from workbench.views.labels import token_labels
 
 SINK = "⟂ sink"
 

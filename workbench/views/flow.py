@@ -12,7 +12,7 @@ import plotly.colors
 import plotly.graph_objects as go
 import torch
 
-from . import _common as c
+from workbench.views import _common as c
 
 
 def top1(t) -> torch.Tensor:

@@ -10,8 +10,8 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from . import _common as c
-from .labels import token_labels
+from workbench.views import _common as c
+from workbench.views.labels import token_labels
 
 METRICS = ("sink_mass", "entropy")
 

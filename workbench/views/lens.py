@@ -14,11 +14,11 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
-from . import _common as c
-from .labels import token_labels, visible
-from ..adapters import adapter_for
-from ..errors import CaptureError
-from ..tracing import LogitLens
+from workbench.views import _common as c
+from workbench.views.labels import token_labels, visible
+from workbench.model.adapters import adapter_for
+from workbench.errors import CaptureError
+from workbench.inspect.trace import LogitLens
 
 MAX_LENS_TOKENS = 64
 

@@ -36,9 +36,9 @@ from typing import Iterable
 
 import torch
 
-from .errors import TraceModelMismatchError, WorkbenchError
-from .capture import router_logits
-from .tracing import config_hash
+from workbench.errors import TraceModelMismatchError, WorkbenchError
+from workbench.inspect.capture import router_logits
+from workbench.inspect.trace import config_hash
 
 FORMAT, VERSION = "workbench-routing-stats", 1
 BINS = 20

@@ -50,7 +50,7 @@ BYTES_PER_QUANTIZED_VALUE = {
 
 
 def get_preset(name: str) -> Preset:
-    from .errors import PresetError
+    from workbench.errors import PresetError
 
     if name not in PRESETS:
         raise PresetError(

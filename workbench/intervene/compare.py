@@ -20,9 +20,9 @@ import html
 
 import torch
 
-from .capture import capture
-from .errors import InterventionError
-from .interventions import Intervention
+from workbench.inspect.capture import capture
+from workbench.errors import InterventionError
+from workbench.intervene.interventions import Intervention
 
 
 @dataclasses.dataclass

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .adapters import Adapter, adapter_for
-from .capture import Capture, CaptureError, Record, capture, resolve_indices
-from .errors import CaptureBudgetError, TraceFileError, TraceModelMismatchError
+from workbench.model.adapters import Adapter, adapter_for
+from workbench.inspect.capture import Capture, CaptureError, Record, capture, resolve_indices
+from workbench.errors import CaptureBudgetError, TraceFileError, TraceModelMismatchError
 
 FORMAT, VERSION = "workbench-trace", 1
 _QUERY_BLOCK = 256
@@ -365,7 +365,7 @@ class Trace:
         import safetensors
         import transformers
 
-        from . import __version__
+        from workbench import __version__
 
         ids = record.input_ids.tolist() if record.input_ids is not None else []
         strings = [tokenizer.decode([i]) for i in ids] if tokenizer is not None else [str(i) for i in ids]
@@ -434,7 +434,7 @@ def as_token_ids(tokenizer, inputs) -> tuple[list[int], list[str] | None]:
     if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(i, int) for i in inputs):
         return list(inputs), None
     if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(m, dict) for m in inputs):
-        from . import chat
+        from workbench.chat import harmony as chat
 
         return chat.render(tokenizer, inputs, add_generation_prompt=inputs[-1].get("role") != "assistant"), None
     raise CaptureError(f"trace() takes a Generation, a string, chat messages or token ids, not {type(inputs).__name__}.")

@@ -36,9 +36,9 @@ import time
 import ipywidgets as widgets
 import traitlets
 
-from . import chat as chat_format
-from .errors import BusyError, SamplingError
-from .views.interventions_panel import InterventionInspector, InterventionsPanel
+from workbench.chat import harmony as chat_format
+from workbench.errors import BusyError, SamplingError
+from workbench.ui.interventions_panel import InterventionInspector, InterventionsPanel
 
 DEFAULTS = dict(prompt="", system="", developer="", reasoning_effort="medium", temperature=1.0, top_p=1.0,
                 max_new_tokens=512, seed=None)

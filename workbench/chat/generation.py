@@ -31,7 +31,7 @@ import weakref
 import torch
 from transformers import LogitsProcessor, StoppingCriteria, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .errors import ContextLengthError, SamplingError
+from workbench.errors import ContextLengthError, SamplingError
 
 
 @dataclasses.dataclass
@@ -267,7 +267,7 @@ def start(model, tokenizer, prompt_ids, params: SamplingParams | None = None, pa
     prompt_ids = [int(t) for t in prompt_ids]
     check_context(len(prompt_ids), params.max_new_tokens, context_limit(model, tokenizer))
     if parser is None or stop_token_ids is None:
-        from . import chat
+        from workbench.chat import harmony as chat
         parser = parser if parser is not None else chat.make_parser(tokenizer)
         stop_token_ids = stop_token_ids if stop_token_ids is not None else chat.stop_token_ids(tokenizer)
     if params.seed is None:

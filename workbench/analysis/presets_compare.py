@@ -31,10 +31,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from . import loading
-from .capture import capture
-from .errors import WorkbenchError
-from .tracing import config_hash
+from workbench.model import loading
+from workbench.inspect.capture import capture
+from workbench.errors import WorkbenchError
+from workbench.inspect.trace import config_hash
 
 DEFAULT_PRESETS = ("bf16", "mxfp4", "nf4")
 

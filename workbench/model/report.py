@@ -9,7 +9,7 @@ import logging
 import torch
 from torch import nn
 
-from .adapters import Adapter
+from workbench.model.adapters import Adapter
 
 
 @dataclasses.dataclass

@@ -15,11 +15,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelNotFoundError, NotACausalLMError
+from workbench.errors import ModelNotFoundError, NotACausalLMError
 
 DATA_DIR = Path(__file__).parent / "data"
 
-# Hub ids whose real config.json ships with the workbench (workbench/data/<file>.json), so that
+# Hub ids whose real config.json ships with the workbench (workbench/model/data/<file>.json), so that
 # `plan("openai/gpt-oss-20b")` works before anything is downloaded. Planning only: loading needs the weights.
 KNOWN_CONFIGS = {
     "openai/gpt-oss-20b": "gpt-oss-20b.json",
@@ -219,7 +219,7 @@ def known_source(model_id: str) -> Source | None:
     config = known_config(model_id)
     if config is None:
         return None
-    note = (f"bundled copy of the real config.json (workbench/data/{_known_file(model_id).name}); "
+    note = (f"bundled copy of the real config.json (workbench/model/data/{_known_file(model_id).name}); "
             "nothing downloaded yet")
     return Source("hub", model_id, None, None, config, note)
 

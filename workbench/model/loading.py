@@ -7,11 +7,13 @@ from typing import Any
 
 import torch
 
-from . import hardware, planning, sources
-from .adapters import adapter_for
-from .presets import Preset, get_preset
-from .report import LoadReport, WarningCollector, actual_quantization, measure
-from .session import Session
+from workbench.model import hardware
+from workbench.model import planning
+from workbench.model import sources
+from workbench.model.adapters import adapter_for
+from workbench.model.presets import Preset, get_preset
+from workbench.model.report import LoadReport, WarningCollector, actual_quantization, measure
+from workbench.session import Session
 
 
 def load(
@@ -149,7 +151,7 @@ def default_model(purpose: str = "chat") -> str:
                 return GPT_OSS_20B
         except Exception:  # no weights reachable or no fit: fall back to the offline models
             pass
-    from . import testing
+    from workbench.fixtures import checkpoints as testing
 
     if purpose == "routing":
         return str(testing.tiny_checkpoint("gpt_oss"))

@@ -20,7 +20,7 @@ import ipywidgets as widgets
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from ..errors import BusyError
+from workbench.errors import BusyError
 
 PAGE_SIZE = 64
 MEAN = "mean"  # the head dropdown's "average over heads" choice

@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from .adapters import adapter_for
-from .presets import BYTES_PER_QUANTIZED_VALUE, Preset
+from workbench.model.adapters import adapter_for
+from workbench.model.presets import BYTES_PER_QUANTIZED_VALUE, Preset
 
 # ---- the skeleton: parameters, their groups, and what each quantizer could touch ------------------
 @dataclasses.dataclass(frozen=True)

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from .adapters import Adapter
-from .errors import CaptureError
-from .interventions import transform_router_logits
+from workbench.model.adapters import Adapter
+from workbench.errors import CaptureError
+from workbench.intervene.interventions import transform_router_logits
 
 WHAT = ("routing", "attention", "residuals")
 _names = itertools.count()
@@ -204,7 +204,7 @@ class Capture:
 
     def trace(self, tokenizer=None, call: int | None = None, channels=None, preset: str | None = None):
         """The Trace of the forward recorded here (`call` picks one when there were several)."""
-        from .tracing import Trace
+        from workbench.inspect.trace import Trace
 
         if not self.records:
             raise CaptureError("nothing was recorded: run a forward of the model inside `with capture(...)`.")
@@ -222,7 +222,7 @@ class Capture:
             raise CaptureError(f"capture records one sequence at a time; this forward has a batch of {shape[0]}.")
         tokens = shape[-1] if ids is not None else shape[-2]
         if self.budget is not None:
-            from .tracing import check_budget
+            from workbench.inspect.trace import check_budget
             check_budget(self, tokens)
         mask = kwargs.get("attention_mask")
         record = Record(input_ids=ids.reshape(-1).detach().cpu().clone() if ids is not None else None)

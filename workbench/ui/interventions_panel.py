@@ -17,9 +17,9 @@ import re
 
 import ipywidgets as widgets
 
-from ..errors import InterventionError
-from ..interventions import INTERVENTIONS
-from .inspector import TokenInspector
+from workbench.errors import InterventionError
+from workbench.intervene.interventions import INTERVENTIONS
+from workbench.ui.inspector import TokenInspector
 
 # label shown in the dropdown -> workbench.interventions name, and what its values field takes
 KINDS = {"ablate experts": "ablate_experts", "force experts": "force_experts", "steer experts": "steer_experts",

@@ -12,12 +12,13 @@ import dataclasses
 import html
 from typing import Any
 
-from . import hardware, sources
-from .adapters import adapter_for
-from .errors import DoesNotFitError, ModelNotFoundError, PresetError
-from .memory import (Param, activation_bytes, dtype_bytes, kv_cache_bytes, layer_windows,  # noqa: F401 (re-exported)
+from workbench.model import hardware
+from workbench.model import sources
+from workbench.model.adapters import adapter_for
+from workbench.errors import DoesNotFitError, ModelNotFoundError, PresetError
+from workbench.model.memory import (Param, activation_bytes, dtype_bytes, kv_cache_bytes, layer_windows,  # noqa: F401 (re-exported)
                      param_bytes, skeleton)
-from .presets import PRESETS, Preset, get_preset
+from workbench.model.presets import PRESETS, Preset, get_preset
 
 GROUPS = ("experts", "router", "attention", "embeddings", "other")
 

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import BusyError, InterventionError
+from workbench.errors import BusyError, InterventionError
 
 _TRANSFORMS = "_workbench_router_transforms"  # attribute of a routed MLP: the active logit transforms
 
