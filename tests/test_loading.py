@@ -191,3 +191,59 @@ def test_native_mxfp4_modules_are_recognised_and_counted():
     adapter, _ = adapter_for(tiny_config("gpt_oss"))
     by_group, by_device = measure(model, adapter)
     assert by_group["experts"]["mxfp4 (native, swizzled)"] == 4 * 8 * 16 + 4 * 8
+
+
+# ---- routers and gates are never quantized unless asked -------------------------------------------
+def _router_params(s):
+    return {n: p for n, p in s.model.named_parameters() if s.adapter.group_of(n) == "router"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("preset", ["int8", "nf4"])
+def test_bnb_presets_keep_every_router_and_gate_in_bf16(tiny_checkpoint, family, preset):
+    s = wb.load(str(tiny_checkpoint(family)), preset=preset)
+    routers = _router_params(s)
+    assert routers, "every fixture family has a router"
+    assert all(p.dtype == torch.bfloat16 for p in routers.values()), {n: p.dtype for n, p in routers.items()}
+    assert set(s.report.dtypes_by_group["router"]) == {"bfloat16"}
+    assert any(n.startswith("router kept in bf16") for n in s.report.notes), s.report.notes
+    if family == "qwen2_moe":  # nn.Linear(hidden, 1): bitsandbytes' CPU nf4 kernel cannot even take it
+        gate = dict(s.model.named_modules())["model.layers.0.mlp.shared_expert_gate"]
+        assert type(gate) is torch.nn.Linear
+    # Everything the router decides is unchanged by the quantizer: the same routers as the bf16 load.
+    reference = _router_params(wb.load(str(tiny_checkpoint(family)), preset="bf16"))
+    assert all(torch.equal(p, reference[n]) for n, p in routers.items())
+
+
+def test_quantize_router_opts_in_to_bitsandbytes_default(tiny_checkpoint):
+    s = wb.load(str(tiny_checkpoint("qwen2_moe")), preset="int8", quantize_router=True)
+    gate = dict(s.model.named_modules())["model.layers.0.mlp.shared_expert_gate"]
+    assert type(gate).__name__ == "Linear8bitLt"
+    assert any("quantize_router=True" in n for n in s.report.notes)
+
+
+# ---- planning needs nothing that loading needs ------------------------------------------------------
+def test_nf4_plans_without_bitsandbytes_but_does_not_load(tiny_checkpoint, monkeypatch):
+    path = str(tiny_checkpoint("olmoe"))
+    with_bnb = wb.plan(path, preset="nf4")
+    monkeypatch.setattr(hardware, "bitsandbytes_available", lambda: False)
+    p = wb.plan(path, preset="nf4")
+    assert not p.loadable_here and "pip install 'bitsandbytes" in p.not_loadable_reason
+    assert p.total_bytes == with_bnb.total_bytes and "attention" in p.quantized_groups
+    assert "NOT LOADABLE HERE" in str(p) and "not loadable here" in p._repr_html_()
+    table = wb.plan_all(path)
+    assert not table["nf4"].loadable_here and "not loadable here" in str(table)
+    with pytest.raises(wb.PresetError, match="bitsandbytes"):
+        wb.load(path, preset="nf4")
+    assert wb.plan(path, preset="auto").preset in ("cpu", "bf16")  # auto never picks what cannot load
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_mxfp4_on_bf16_weights_without_native_kernels_plans_for_the_gpu_you_will_rent(tiny_checkpoint):
+    path = str(tiny_checkpoint("gpt_oss"))  # bf16 weights; no CUDA GPU on this machine
+    p = wb.plan(path, preset="mxfp4")
+    bf16 = wb.plan(path, preset="bf16")
+    assert not p.loadable_here and "native" in p.not_loadable_reason
+    assert p.quantized_groups == ("experts",) and p.total_bytes < bf16.total_bytes and p.fallback is None
+    with pytest.raises(wb.PresetError, match="quantize at load"):
+        wb.load(path, preset="mxfp4")

@@ -250,7 +250,10 @@ def test_inspector_values_equal_generation_and_trace(w, gpt_oss):
         ins.select_token(n)
 
 
-def test_inspector_pages_long_outputs(gpt_oss):
+def test_inspector_pages_long_outputs(gpt_oss, monkeypatch):
+    # A random model may write a stop token at any step: no stop tokens, so the length is what we asked for.
+    stream = gpt_oss.stream
+    monkeypatch.setattr(gpt_oss, "stream", lambda *args, **kwargs: stream(*args, stop_tokens=[], **kwargs))
     w = widget(gpt_oss, temperature=0.0, max_new_tokens=PAGE_SIZE + 10)
     try:
         w.generate("Hi")

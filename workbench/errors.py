@@ -55,3 +55,19 @@ class CaptureError(WorkbenchError, ValueError):
 
 class InterventionError(WorkbenchError, ValueError):
     """An intervention that cannot work: a layer, expert or head that does not exist, or a model without sinks."""
+
+
+class AdapterError(WorkbenchError, ValueError):
+    """A question the architecture cannot answer, e.g. routing of a dense model."""
+
+
+class RoutingStatsError(WorkbenchError, ValueError):
+    """Corpus routing statistics that cannot be computed, resumed or merged (mismatched model, bad file)."""
+
+
+class PresetComparisonError(WorkbenchError, ValueError):
+    """A comparison of presets that cannot be made: no preset loads, or the checkpoints are different models."""
+
+
+class ViewError(WorkbenchError, ValueError):
+    """A view asked for something its trace does not hold (a layer not captured, a dense model's routing)."""

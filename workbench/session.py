@@ -39,10 +39,13 @@ class Session:
                                   system=system, developer=developer)
 
     def stream(self, prompt, *, reasoning_effort: str | None = None, system: str | None = None,
-               developer: str | None = None, **sampling) -> "generation.GenerationRun":
+               developer: str | None = None, stop_tokens: list[int] | None = None,
+               **sampling) -> "generation.GenerationRun":
         """Start generating in a background thread; iterate for `Delta`s (text + channel), `.stop()` to end.
 
         Sampling keywords: temperature (0 = greedy), top_p, top_k, max_new_tokens, seed, top_alternatives.
+        `stop_tokens`: ids that end the answer (default: the model's own, e.g. harmony's <|return|> and <|call|>);
+        `[]` always writes max_new_tokens.
         """
         params = generation.SamplingParams(**sampling)
         params.validate()
@@ -51,7 +54,7 @@ class Session:
             raise BusyError("a generation is already running on this session: stop it (run.stop()) or wait for it")
         try:
             run = generation.start(self.model, self.tokenizer, prompt_ids, params,
-                                   chat_format.make_parser(self.tokenizer))
+                                   chat_format.make_parser(self.tokenizer), stop_token_ids=stop_tokens)
         except BaseException:
             self._busy.release()
             raise

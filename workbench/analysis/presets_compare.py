@@ -33,14 +33,10 @@ import torch
 
 from workbench.model import loading
 from workbench.inspect.capture import capture
-from workbench.errors import WorkbenchError
+from workbench.errors import PresetComparisonError, WorkbenchError
 from workbench.inspect.trace import config_hash
 
 DEFAULT_PRESETS = ("bf16", "mxfp4", "nf4")
-
-
-class PresetComparisonError(WorkbenchError, ValueError):
-    """A comparison that cannot be made: no preset loads, or the checkpoints are different models."""
 
 
 @dataclasses.dataclass

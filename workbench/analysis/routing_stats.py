@@ -36,17 +36,13 @@ from typing import Iterable
 
 import torch
 
-from workbench.errors import TraceModelMismatchError, WorkbenchError
+from workbench.errors import RoutingStatsError, TraceModelMismatchError, WorkbenchError
 from workbench.inspect.capture import router_logits
 from workbench.inspect.trace import config_hash
 
 FORMAT, VERSION = "workbench-routing-stats", 1
 BINS = 20
 _COUNTS = ("load", "load_weight", "top1", "coactivation", "entropy_sum", "entropy_hist")
-
-
-class RoutingStatsError(WorkbenchError, ValueError):
-    """Routing statistics that cannot be computed, resumed or merged as asked."""
 
 
 class RoutingStatsMismatchError(RoutingStatsError, TraceModelMismatchError):

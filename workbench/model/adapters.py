@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from workbench.errors import AdapterError
+
 
 @dataclasses.dataclass(frozen=True)
 class Adapter:
@@ -33,8 +35,10 @@ class Adapter:
     router_has_bias: bool = False
     weights_in_logits_dtype: bool = False  # Qwen-MoE/OLMoE cast top-k weights back to the logits' dtype
     has_sinks: bool = False  # learned attention-sink logit per head (gpt-oss)
-    harmony: bool = False  # speaks the harmony chat format
     shared_expert: str | None = None  # attribute of the MLP holding an always-on expert (Qwen2-MoE)
+    # Attributes of the MLP that decide routing: the router and any gate. Quantizers leave them alone,
+    # since quantizing a router changes which experts run, which is what a user of this workbench studies.
+    gates: tuple[str, ...] = ()
     # Regular expressions over parameter names, checked in order; the first match names the group.
     groups: tuple[tuple[str, str], ...] = (
         ("experts", r"\.experts\."),
@@ -42,7 +46,6 @@ class Adapter:
         ("attention", r"\.self_attn\."),
         ("embeddings", r"embed_tokens|lm_head|wte|wpe"),
     )
-    note: str = ""
 
     @property
     def is_moe(self) -> bool:
@@ -62,6 +65,9 @@ class Adapter:
 
     def group_of(self, parameter_name: str) -> str:
         """Which parameter group ("experts", "router", "attention", "embeddings", "other") a name is in."""
+        if self.gates and re.search(rf"\.{re.escape(self.mlp)}\.({'|'.join(map(re.escape, self.gates))})\.",
+                                    parameter_name):
+            return "router"
         for group, pattern in self.groups:
             if re.search(pattern, parameter_name):
                 return group
@@ -76,6 +82,11 @@ class Adapter:
 
     def mlp_module(self, model: nn.Module, layer: int) -> nn.Module:
         return getattr(self.layer_list(model)[layer], self.mlp)
+
+    def gate_module_patterns(self) -> list[str]:
+        """Regular expressions naming every router and gate module, in the form transformers' quantizers
+        take (`llm_int8_skip_modules`, `modules_to_not_convert`): e.g. `model\\.layers\\.\\d+\\.mlp\\.router`."""
+        return [rf"{re.escape(self.layers)}\.\d+\.{re.escape(self.mlp)}\.{re.escape(g)}" for g in self.gates]
 
     def moe_layers(self, model: nn.Module) -> list[int]:
         """Indices of layers whose MLP is routed (Qwen-MoE can mix dense and sparse layers)."""
@@ -106,7 +117,7 @@ class Adapter:
             if self.weights_in_logits_dtype:
                 weights = weights.to(router_logits.dtype)
         else:
-            raise ValueError(f"{self.family} is not a routed (MoE) architecture")
+            raise AdapterError(f"{self.family} is not a routed (MoE) architecture: it has no routing to compute")
         return indices, weights
 
 
@@ -126,25 +137,24 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter(
         family="gpt-oss", model_types=("gpt_oss",), router="router", experts="experts",
         num_experts_key="num_local_experts", top_k_key="num_experts_per_tok", routing="topk_softmax",
-        router_has_bias=True, has_sinks=True, harmony=True,
-        note="sliding-window attention (128) on even layers, learned attention sinks on every head",
+        router_has_bias=True, has_sinks=True, gates=("router",),
     ),
     Adapter(
         family="mixtral", model_types=("mixtral",), router="gate", experts="experts",
         num_experts_key="num_local_experts", top_k_key="num_experts_per_tok", routing="softmax_topk",
-        renormalize=True,
+        renormalize=True, gates=("gate",),
     ),
     Adapter(
         family="qwen-moe", model_types=("qwen2_moe", "qwen3_moe"), router="gate", experts="experts",
         num_experts_key="num_experts", top_k_key="num_experts_per_tok", routing="softmax_topk",
         renormalize="norm_topk_prob", shared_expert="shared_expert", weights_in_logits_dtype=True,
+        gates=("gate", "shared_expert_gate"),  # Qwen2-MoE's always-on shared expert has its own sigmoid gate
         groups=(("experts", r"\.experts\.|\.shared_expert\."),) + LLAMA_LIKE.groups[1:],
-        note="Qwen2-MoE adds an always-on shared expert, counted with the experts",
     ),
     Adapter(
         family="olmoe", model_types=("olmoe",), router="gate", experts="experts",
         num_experts_key="num_experts", top_k_key="num_experts_per_tok", routing="softmax_topk",
-        renormalize="norm_topk_prob", weights_in_logits_dtype=True,
+        renormalize="norm_topk_prob", weights_in_logits_dtype=True, gates=("gate",),
     ),
     LLAMA_LIKE,
 )

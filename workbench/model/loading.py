@@ -7,9 +7,7 @@ from typing import Any
 
 import torch
 
-from workbench.model import hardware
-from workbench.model import planning
-from workbench.model import sources
+from workbench.model import hardware, memory, planning, sources
 from workbench.model.adapters import adapter_for
 from workbench.model.presets import Preset, get_preset
 from workbench.model.report import LoadReport, WarningCollector, actual_quantization, measure
@@ -25,11 +23,13 @@ def load(
     offload_folder: str | None = None,
     trust_remote_code: bool = False,
     context_tokens: int = 4096,
+    quantize_router: bool = False,
 ) -> Session:
     """Load a causal LM (hub id, local folder or .gguf file) with a named preset; returns a Session.
 
     Checks the preset and the memory plan before any weight is read, so an impossible request fails
-    fast with a message that says what would work.
+    fast with a message that says what would work. Under int8/nf4, routers and gates stay unquantized
+    (quantizing them changes which experts run) unless `quantize_router=True`.
     """
     source = sources.resolve(model, trust_remote_code=trust_remote_code)
     adapter, adapter_note = adapter_for(source.config)
@@ -37,11 +37,12 @@ def load(
     if preset == "auto":
         preset, auto_reason = planning.choose_auto(source, context_tokens=context_tokens)
     row = get_preset(preset)
-    memory_plan = planning.plan(source, preset, context_tokens=context_tokens)
+    memory_plan = planning.plan(source, preset, context_tokens=context_tokens, quantize_router=quantize_router)
+    memory_plan.require_loadable()
     if check_fit:
         memory_plan.require_fit()
 
-    kwargs = _from_pretrained_kwargs(row, source, offload_folder)
+    kwargs = _from_pretrained_kwargs(row, source, offload_folder, quantize_router)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     elif adapter.has_sinks:
@@ -82,7 +83,8 @@ def load(
                    source=source)
 
 
-def _from_pretrained_kwargs(row: Preset, source: "sources.Source", offload_folder: str | None) -> dict:
+def _from_pretrained_kwargs(row: Preset, source: "sources.Source", offload_folder: str | None,
+                            quantize_router: bool = False) -> dict:
     from transformers import BitsAndBytesConfig, Mxfp4Config
 
     gpu = torch.cuda.is_available()
@@ -98,11 +100,14 @@ def _from_pretrained_kwargs(row: Preset, source: "sources.Source", offload_folde
     elif mxfp4_checkpoint:
         # Every other preset runs bf16 experts: ask transformers to dequantize instead of letting it guess.
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-    if row.quantization == "bnb-int8":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    elif row.quantization == "bnb-nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=row.dtype)
+    if row.quantization in ("bnb-int8", "bnb-nf4"):
+        skip = memory.bnb_skip_modules(source.config, quantize_router=quantize_router)
+        if row.quantization == "bnb-int8":
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=row.dtype,
+                llm_int8_skip_modules=skip)
 
     if row.device == "cpu":
         kwargs["device_map"] = "cpu"

@@ -24,14 +24,28 @@ class Param:
     rows: int = 0  # output rows of a converted Linear weight (LLM.int8 keeps one fp32 scale per row)
 
 
-_SKELETONS: dict[str, tuple[Param, ...]] = {}
+_SKELETONS: dict[str, tuple[tuple[Param, ...], tuple[str, ...]]] = {}
 
 
 def skeleton(config: Any, trust_remote_code: bool = False) -> tuple[Param, ...]:
     """Every parameter of the model, from a meta-device build (cached per config)."""
+    return _skeleton_and_skips(config, trust_remote_code)[0]
+
+
+def bnb_skip_modules(config: Any, *, quantize_router: bool = False, trust_remote_code: bool = False) -> list[str]:
+    """`llm_int8_skip_modules` for bitsandbytes: transformers' own default skips (lm_head, tied weights), which
+    it drops once a list is passed, plus every router and gate unless `quantize_router`."""
+    adapter, _ = adapter_for(config)
+    defaults = list(_skeleton_and_skips(config, trust_remote_code)[1])
+    return defaults + ([] if quantize_router else adapter.gate_module_patterns())
+
+
+def _skeleton_and_skips(config: Any, trust_remote_code: bool) -> tuple[tuple[Param, ...], tuple[str, ...]]:
     key = config.to_json_string()
     if key not in _SKELETONS:
-        _SKELETONS[key] = _count(_build_meta_model(config, trust_remote_code), config)
+        model = _build_meta_model(config, trust_remote_code)
+        skips = _bnb_skipped_modules(model)
+        _SKELETONS[key] = (_count(model, config, skips), tuple(skips))
     return _SKELETONS[key]
 
 
@@ -47,9 +61,8 @@ def _build_meta_model(config: Any, trust_remote_code: bool) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def _count(model: nn.Module, config: Any) -> tuple[Param, ...]:
+def _count(model: nn.Module, config: Any, skip: list[str]) -> tuple[Param, ...]:
     adapter, _ = adapter_for(config)
-    skip = _bnb_skipped_modules(model)
     modules = dict(model.named_modules())
     params = []
     for name, p in model.named_parameters():  # tied weights appear once
@@ -88,9 +101,12 @@ def dtype_bytes(preset: Preset) -> int:
     return preset.dtype.itemsize
 
 
-def param_bytes(p: Param, preset: Preset) -> tuple[float, bool]:
-    """(bytes, quantized?) for one parameter stored under `preset` on a machine where it runs natively."""
+def param_bytes(p: Param, preset: Preset, quantize_router: bool = False) -> tuple[float, bool]:
+    """(bytes, quantized?) for one parameter stored under `preset` on a machine where it runs natively.
+    Routers and gates stay unquantized under bitsandbytes unless `quantize_router` (see `bnb_skip_modules`)."""
     q, plain = preset.quantization, p.numel * dtype_bytes(preset)
+    if p.group == "router" and not quantize_router:
+        return plain, False
     if q == "mxfp4" and p.group == "experts":
         if p.kind == "expert3d":
             return p.numel * BYTES_PER_QUANTIZED_VALUE["mxfp4"], True

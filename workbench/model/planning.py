@@ -58,6 +58,10 @@ class Plan:
     free_bytes: dict[str, int]
     fits_target: bool  # does it fit where this preset puts it?
     notes: list[str] = dataclasses.field(default_factory=list)
+    # False when the numbers hold but this machine cannot load it (a missing package, no native mxfp4 to
+    # quantize bf16 weights): planning for a machine you will rent still works; load() refuses with the reason.
+    loadable_here: bool = True
+    not_loadable_reason: str = ""
 
     @property
     def total_params(self) -> int:
@@ -72,6 +76,12 @@ class Plan:
     def need_bytes(self) -> int:
         """Weights as loaded here + KV cache + activations + overhead margin."""
         return self.load_bytes + self.kv_bytes + self.activation_bytes + self.overhead_bytes
+
+    def require_loadable(self) -> Plan:
+        """Return self when this machine can load the preset at all, else raise PresetError with the reason."""
+        if not self.loadable_here:
+            raise PresetError(self.not_loadable_reason)
+        return self
 
     def require_fit(self) -> Plan:
         """Return self when the plan fits where the preset puts it, else raise DoesNotFitError."""
@@ -120,7 +130,8 @@ class Plan:
         table = [f"  {'group':<11}{'params':>10}{'bytes':>12}  stored as"]
         table += [f"  {g:<11}{n:>10}{b:>12}  {how}" for g, n, b, how in self._rows()]
         notes = [f"  - {n}" for n in self.notes]
-        return "\n".join(head + table + self._summary_lines() + (["notes:"] + notes if notes else []))
+        here = [] if self.loadable_here else [f"NOT LOADABLE HERE: {self.not_loadable_reason}"]
+        return "\n".join(head + here + table + self._summary_lines() + (["notes:"] + notes if notes else []))
 
     def _repr_html_(self) -> str:
         e = html.escape
@@ -131,7 +142,8 @@ class Plan:
         return (
             f"<div><b>Memory plan: {e(self.model)}, preset <code>{e(self.preset)}</code></b>"
             f"<div style='font-size:90%'>config: {e(self.source_note)}</div>"
-            "<table><thead><tr><th>group</th><th>params</th><th>bytes</th><th>stored as</th></tr></thead>"
+            + ("" if self.loadable_here else f"<div><b>not loadable here:</b> {e(self.not_loadable_reason)}</div>")
+            + "<table><thead><tr><th>group</th><th>params</th><th>bytes</th><th>stored as</th></tr></thead>"
             f"<tbody>{rows}</tbody></table><ul>{summary}</ul>"
             + (f"<div>notes:</div><ul>{notes}</ul>" if notes else "") + "</div>"
         )
@@ -158,6 +170,7 @@ class _Context:
     context_tokens: int
     batch_size: int
     trust_remote_code: bool
+    quantize_router: bool = False
 
     @property
     def gpus(self) -> list[hardware.Device]:
@@ -165,11 +178,11 @@ class _Context:
 
 
 def _context(model: Any, context_tokens: int, batch_size: int, devices: list[hardware.Device] | None,
-             trust_remote_code: bool) -> _Context:
+             trust_remote_code: bool, quantize_router: bool = False) -> _Context:
     source = _resolve_for_planning(model, trust_remote_code)
     params = skeleton(source.config, trust_remote_code)
     return _Context(source, params, list(devices) if devices is not None else hardware.devices(),
-                    context_tokens, batch_size, trust_remote_code)
+                    context_tokens, batch_size, trust_remote_code, quantize_router)
 
 
 def _resolve_for_planning(model: Any, trust_remote_code: bool) -> sources.Source:
@@ -184,7 +197,8 @@ def _resolve_for_planning(model: Any, trust_remote_code: bool) -> sources.Source
 
 
 def _check_possible(ctx: _Context, preset: Preset) -> list[str]:
-    """Raise PresetError when the preset cannot work for this model here; return notes about it."""
+    """Raise PresetError when the preset cannot work for this model anywhere; return notes about it.
+    What only this machine lacks is `_not_loadable_here`'s business: the plan still has numbers."""
     config = ctx.source.config
     method = sources.quant_method(config)
     is_gpt_oss = getattr(config, "model_type", None) == "gpt_oss"
@@ -211,12 +225,21 @@ def _check_possible(ctx: _Context, preset: Preset) -> list[str]:
             raise PresetError(
                 f"{ctx.source.name} is already quantized with {method!r}; bitsandbytes cannot be applied on top"
             )
-        if not hardware.bitsandbytes_available():
-            raise PresetError(f"preset {preset.name!r} needs bitsandbytes: pip install 'bitsandbytes>=0.45'")
     if method == "mxfp4" and preset.quantization is None:
         return ["the checkpoint stores the experts in MXFP4: this preset dequantizes them at load "
                 "(Mxfp4Config(dequantize=True))"]
     return []
+
+
+def _not_loadable_here(ctx: _Context, preset: Preset, fallback: str | None) -> str:
+    """Why this machine cannot load a preset that is possible for the model (empty when it can)."""
+    if preset.quantization and preset.quantization.startswith("bnb") and not hardware.bitsandbytes_available():
+        return f"preset {preset.name!r} needs bitsandbytes, which is not installed here: pip install 'bitsandbytes>=0.45'"
+    if preset.quantization == "mxfp4" and fallback and not sources.is_mxfp4_checkpoint(ctx.source.config):
+        return (f"preset 'mxfp4' on {ctx.source.name} (bf16 weights) would quantize at load, which needs native "
+                f"mxfp4 support, unavailable here: {fallback}. Use 'bf16' (or 'offload') here, or load the MXFP4 "
+                "checkpoint (e.g. openai/gpt-oss-20b)")
+    return ""
 
 
 def _working_presets(ctx: _Context) -> list[str]:
@@ -246,7 +269,7 @@ def _count_bytes(ctx: _Context, preset: Preset) -> tuple[dict[str, int], dict[st
     bytes_by_group = dict.fromkeys(GROUPS, 0.0)
     quantized = set()
     for p in ctx.params:
-        nbytes, was_quantized = param_bytes(p, preset)
+        nbytes, was_quantized = param_bytes(p, preset, ctx.quantize_router)
         params_by_group[p.group] += p.numel
         bytes_by_group[p.group] += nbytes
         if was_quantized:
@@ -258,11 +281,9 @@ def _make_plan(ctx: _Context, preset: Preset) -> Plan:
     notes = _check_possible(ctx, preset)
     config = ctx.source.config
     fallback = _mxfp4_fallback(ctx) if preset.quantization == "mxfp4" else None
-    if fallback and not sources.is_mxfp4_checkpoint(config):
-        raise PresetError(
-            f"preset 'mxfp4' on {ctx.source.name} (bf16 weights) would quantize at load, which needs native mxfp4 "
-            f"support, unavailable here: {fallback}. Use 'bf16' (or 'offload')."
-        )
+    not_loadable = _not_loadable_here(ctx, preset, fallback)
+    if not_loadable:
+        fallback = None  # it would quantize natively where it can load at all: plan those numbers
     params_by_group, bytes_by_group, quantized = _count_bytes(ctx, preset)
     total = sum(bytes_by_group.values())
     bf16_total = 2 * sum(params_by_group.values())  # what a dequantizing fallback allocates
@@ -279,6 +300,7 @@ def _make_plan(ctx: _Context, preset: Preset) -> Plan:
         overhead_bytes=int(OVERHEAD_FRACTION * (bf16_total if fallback else total)) + OVERHEAD_FIXED_BYTES,
         placement=preset.device, target="", fits={}, free_bytes={}, fits_target=False,
         notes=notes + _quantization_notes(ctx, preset, params_by_group, set(quantized)),
+        loadable_here=not not_loadable, not_loadable_reason=not_loadable,
     )
     _place(plan, ctx)
     return plan
@@ -301,6 +323,13 @@ def _quantization_notes(ctx: _Context, preset: Preset, params_by_group: dict[str
                 f"tensors, not nn.Linear: they stay {_short_dtype(preset)} under {preset.name}{shared}; "
                 f"quantized groups: {', '.join(sorted(quantized)) or 'none'}"
             )
+        if adapter.gates:
+            notes.append(
+                f"router kept in {_short_dtype(preset)}: routers and gates ({', '.join(adapter.gates)}) are never "
+                "quantized, since that would change which experts run (quantize_router=True to quantize them)"
+                if not ctx.quantize_router else
+                "quantize_router=True: bitsandbytes may quantize routers and gates that are nn.Linear, which can "
+                "change which experts run")
     if preset.quantization == "mxfp4":
         notes.append("mxfp4 quantizes the experts' 3-D gate_up_proj/down_proj (17 bytes per 32 values); "
                      "their biases stay float32, everything else bf16")
@@ -349,11 +378,15 @@ def offload_max_memory(devices: list[hardware.Device] | None = None) -> dict[int
 
 # ---- public entry points -----------------------------------------------------------------
 def plan(model: Any, preset: str = "auto", *, context_tokens: int = 4096, batch_size: int = 1,
-         devices: list[hardware.Device] | None = None, trust_remote_code: bool = False) -> Plan:
-    """The memory plan of `model` (hub id, folder, .gguf path or config) under `preset`, from its config alone."""
+         devices: list[hardware.Device] | None = None, trust_remote_code: bool = False,
+         quantize_router: bool = False) -> Plan:
+    """The memory plan of `model` (hub id, folder, .gguf path or config) under `preset`, from its config alone.
+
+    Planning is arithmetic: it needs none of what loading needs. A preset this machine cannot load (e.g. nf4
+    without bitsandbytes) still gets its numbers, with `loadable_here=False` and the reason."""
     if preset != "auto":
         get_preset(preset)  # an unknown name fails before any work
-    ctx = _context(model, context_tokens, batch_size, devices, trust_remote_code)
+    ctx = _context(model, context_tokens, batch_size, devices, trust_remote_code, quantize_router)
     if preset == "auto":
         chosen, reason = _choose(ctx)
         result = _make_plan(ctx, PRESETS[chosen])
@@ -374,11 +407,14 @@ class PlanTable:
 
     def _rows(self) -> list[tuple[str, str, str, str, str]]:
         return [(name, _gb(p.total_bytes) + (f" ({_gb(p.fallback_bytes)} here)" if p.fallback else ""),
-                 _gb(p.need_bytes), p.target, "yes" if p.fits_target else "no") for name, p in self.plans.items()]
+                 _gb(p.need_bytes), p.target,
+                 ("yes" if p.fits_target else "no") if p.loadable_here else "not loadable here")
+                for name, p in self.plans.items()]
 
     def __str__(self) -> str:
         lines = [f"{'preset':<9}{'weights':<28}{'needs here':>11}  {'where':<28}fits"]
         lines += [f"{n:<9}{w:<28}{need:>11}  {t:<28}{f}" for n, w, need, t, f in self._rows()]
+        lines += [f"{n}: not loadable here: {p.not_loadable_reason}" for n, p in self.plans.items() if not p.loadable_here]
         lines += [f"{n}: impossible: {why}" for n, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -391,9 +427,10 @@ class PlanTable:
 
 
 def plan_all(model: Any, *, context_tokens: int = 4096, batch_size: int = 1,
-             devices: list[hardware.Device] | None = None, trust_remote_code: bool = False) -> PlanTable:
+             devices: list[hardware.Device] | None = None, trust_remote_code: bool = False,
+             quantize_router: bool = False) -> PlanTable:
     """Plans for every preset; impossible ones are listed in `.skipped` with their reason."""
-    ctx = _context(model, context_tokens, batch_size, devices, trust_remote_code)
+    ctx = _context(model, context_tokens, batch_size, devices, trust_remote_code, quantize_router)
     plans, skipped = {}, {}
     for name, preset in PRESETS.items():
         try:
@@ -411,9 +448,10 @@ def choose_auto(model: Any, *, context_tokens: int = 4096, batch_size: int = 1,
 
 def _try(ctx: _Context, name: str) -> Plan | None:
     try:
-        return _make_plan(ctx, PRESETS[name])
+        p = _make_plan(ctx, PRESETS[name])
     except PresetError:
         return None
+    return p if p.loadable_here else None
 
 
 def _choose(ctx: _Context) -> tuple[str, str]:
