@@ -124,7 +124,7 @@ def runner(name: str, env: dict):
                 return model(input_ids=ids, use_cache=False).logits
         return plain
     if name in ("workbench", "workbench_patterns"):
-        from workbench.inspect.trace import trace
+        from workbench.inspect.capture import trace
 
         model, tokenizer, adapter = env["model"], env["tokenizer"], env["adapter"]
 
@@ -224,7 +224,7 @@ def measure_time(env: dict, reps: int) -> dict:
 def check_equality(env: dict) -> dict:
     """Max |nnsight eager weights - workbench pattern| over every layer and head (default and float32 q/k)."""
     torch, ids = env["torch"], env["ids"]
-    from workbench.inspect.trace import trace
+    from workbench.inspect.capture import trace
 
     weights = runner("nnsight_no_grad", env)()
     assert all(w is not None for w in weights), "eager self_attn.output[1] is None: no attention weights"

@@ -417,19 +417,20 @@ def test_errors_name_the_valid_range():
     s, q3, mx = session("gpt_oss"), session("qwen3_moe"), session("mixtral")
     assert issubclass(InterventionError, WorkbenchError) and issubclass(InterventionError, ValueError)
     cases = [
-        (lambda: ablate_experts(s, {30: [1]}), r"layer 30 out of range: this model has MoE layers 0\.\.3"),
+        (lambda: ablate_experts(s, {30: [1]}), r"layer 30 is out of range: this model has layers 0\.\.3 \(MoE layers 0\.\.3\)"),
         (lambda: ablate_experts(q3, {1: [1]}), r"layer 1 has a dense MLP \(no router\): this model's routed \(MoE\) "
                                                r"layers are 0, 2"),
-        (lambda: ablate_experts(q3, {5: [1]}), r"layer 5 out of range: this model has MoE layers 0, 2"),
-        (lambda: ablate_experts(s, {0: [8]}), r"expert 8 \(layer 0\) out of range: this model has experts 0\.\.7"),
-        (lambda: ablate_experts(s, {0: [-1]}), r"expert -1 \(layer 0\) out of range"),
+        (lambda: ablate_experts(q3, {5: [1]}), r"layer 5 is out of range: this model has layers 0\.\.2 \(MoE layers 0, 2\)"),
+        (lambda: ablate_experts(s, {0: [8]}), r"expert 8 \(layer 0\) is out of range: this model has experts 0\.\.7"),
+        (lambda: ablate_experts(s, {0: [-9]}), r"expert -9 \(layer 0\) is out of range"),
+        (lambda: ablate_experts(s, {0: [True]}), r"expert must be an integer"),
         (lambda: ablate_experts(s, [0]), r"dict keyed by layer"),
         (lambda: force_experts(s, {0: [0, 1]}), r"exactly 4 distinct experts per layer"),
         (lambda: force_experts(s, {0: [0, 0, 1, 2]}), r"exactly 4 distinct experts"),
         (lambda: steer_experts(s, {0: {1: float("nan")}}), r"must be a finite number"),
         (lambda: steer_experts(s, {0: [1]}), r"steer_experts takes \{layer: \{expert: amount\}\}"),
-        (lambda: ablate_heads(s, {0: [4]}), r"head 4 \(layer 0\) out of range: this model has heads 0\.\.3"),
-        (lambda: ablate_heads(s, {9: [0]}), r"layer 9 out of range: this model has layers 0\.\.3"),
+        (lambda: ablate_heads(s, {0: [4]}), r"head 4 \(layer 0\) is out of range: this model has heads 0\.\.3"),
+        (lambda: ablate_heads(s, {9: [0]}), r"layer 9 is out of range: this model has layers 0\.\.3"),
         (lambda: scale_sinks(mx, {0: 0.0}), r"mixtral has no attention sinks"),
         (lambda: scale_sinks(s, {0: float("inf")}), r"must be a finite number"),
     ]

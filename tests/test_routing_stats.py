@@ -75,9 +75,9 @@ def as_counter(st: RoutingStats) -> collections.Counter:
 
 def assert_same(a: RoutingStats, b: RoutingStats, exact_floats: bool = True):
     assert (a.texts, a.tokens, a.layers) == (b.texts, b.tokens, b.layers)
-    for name in ("load", "top1", "coactivation", "entropy_hist"):
+    for name in ("expert_load", "top1", "coactivation", "entropy_hist"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
-    for name in ("load_weight", "entropy_sum"):
+    for name in ("expert_load_weight", "entropy_sum"):
         if exact_floats:
             assert torch.equal(getattr(a, name), getattr(b, name)), name
         else:
@@ -97,18 +97,18 @@ def test_equals_naive_per_text_counts(tiny_checkpoint, session, preset, n):
     assert st.tokens < sum(len(s.tokenizer(t)["input_ids"]) for t in texts)  # truncation happened
     for li, layer in enumerate(st.layers):
         for e in range(E):
-            assert st.load[li, e] == ref["load"][layer, e]
+            assert st.expert_load[li, e] == ref["load"][layer, e]
             assert st.top1[li, e] == ref["top1"][layer, e]
-            assert math.isclose(st.load_weight[li, e], ref["weight"][layer, e], rel_tol=1e-6, abs_tol=1e-6)
+            assert math.isclose(st.expert_load_weight[li, e], ref["weight"][layer, e], rel_tol=1e-6, abs_tol=1e-6)
             for f in range(E):
                 assert st.coactivation[li, e, f] == ref["coact"][layer, e, f]
         assert math.isclose(st.entropy_sum[li], ref["ent_sum"][layer], rel_tol=1e-6)
         assert st.entropy_hist[li].tolist() == [ref["hist"][layer, b] for b in range(st.meta["bins"])]
     assert as_counter(st) == ref["table"]
-    assert torch.equal(st.coactivation.diagonal(dim1=1, dim2=2), st.load)
-    assert torch.equal(st.load.sum(1), torch.full((L,), st.tokens * st.top_k))
+    assert torch.equal(st.coactivation.diagonal(dim1=1, dim2=2), st.expert_load)
+    assert torch.equal(st.expert_load.sum(1), torch.full((L,), st.tokens * st.top_k))
     # each token's k weights sum to 1, up to the rounding of the dtype the model applied them in
-    torch.testing.assert_close(st.load_weight.sum(1), torch.full((L,), float(st.tokens), dtype=torch.float64),
+    torch.testing.assert_close(st.expert_load_weight.sum(1), torch.full((L,), float(st.tokens), dtype=torch.float64),
                                rtol=1e-6 if preset == "cpu" else 1e-3, atol=0)
 
 
@@ -127,8 +127,8 @@ def test_helpers_and_interventions(session):
         st.row(99)
     with session.ablate_experts({1: [0, 5]}):  # stats inside an intervention see the model's real routing
         ablated = routing_stats(session, texts, batch_size=5, max_tokens=32, progress=False)
-    assert ablated.load[st.row(1), [0, 5]].tolist() == [0, 0] and st.load[st.row(1), [0, 5]].sum() > 0
-    assert torch.equal(ablated.load[st.row(0)], st.load[st.row(0)])  # layers before it unchanged
+    assert ablated.expert_load[st.row(1), [0, 5]].tolist() == [0, 0] and st.expert_load[st.row(1), [0, 5]].sum() > 0
+    assert torch.equal(ablated.expert_load[st.row(0)], st.expert_load[st.row(0)])  # layers before it unchanged
 
 
 def test_dense_model_refused():
@@ -146,7 +146,7 @@ def test_resume_after_interruption_equals_one_run(session, tmp_path):
     def interrupted():
         for i, t in enumerate(texts):
             if i == 8:  # checkpoint_every=1: two batches were saved before the third starts
-                assert RoutingStats.from_file(path).texts == 8
+                assert RoutingStats.load(path).texts == 8
             if i == 13:
                 raise KeyboardInterrupt("stopped by the user")
             yield t
@@ -219,7 +219,7 @@ def test_accelerate_launch_two_processes_then_merge(session, tiny_checkpoint, tm
                           timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     parts = [tmp_path / f"part{i}.safetensors" for i in range(2)]
-    assert [RoutingStats.from_file(p).texts for p in parts] == [8, 8]
+    assert [RoutingStats.load(p).texts for p in parts] == [8, 8]
     full = routing_stats(session, texts, batch_size=4, max_tokens=40, progress=False)
     assert_same(merge_routing_stats(parts), full, exact_floats=False)
 
@@ -281,7 +281,7 @@ def test_disk_offloaded_layers(tiny_checkpoint, tmp_path):
     offloaded = wb.Session(model=model, tokenizer=s.tokenizer, adapter=s.adapter, report=s.report)
     assert_same(routing_stats(offloaded, texts, batch_size=4, max_tokens=32, progress=False), ref)
     with offloaded.ablate_experts({1: [0]}):
-        assert routing_stats(offloaded, texts, batch_size=4, max_tokens=32, progress=False).load[1, 0] == 0
+        assert routing_stats(offloaded, texts, batch_size=4, max_tokens=32, progress=False).expert_load[1, 0] == 0
     assert model.model.layers[1].mlp.router.weight.device.type == "meta"  # put back after each use
 
 

@@ -14,9 +14,11 @@ from transformers.modeling_utils import AttentionInterface
 
 from workbench import fixtures
 from workbench.model.adapters import adapter_for
-from workbench.inspect.capture import CaptureError, capture
-from workbench.inspect.trace import (CaptureBudgetError, Trace, TraceFileError, TraceModelMismatchError, parse_bytes,
-                               trace, trace_bytes)
+from workbench.errors import CaptureBudgetError, CaptureError, TraceFileError, TraceModelMismatchError
+from workbench.inspect.budget import parse_budget as parse_bytes
+from workbench.inspect.budget import trace_bytes
+from workbench.inspect.capture import capture, trace
+from workbench.inspect.trace import Trace
 
 COMMON = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
               head_dim=16, vocab_size=300, initializer_range=0.1, tie_word_embeddings=False)
@@ -225,10 +227,17 @@ def test_layers_and_heads_selection_and_errors():
         trace(model, None, adapter, x, layers=[4])
     with pytest.raises(CaptureError, match=r"0\.\.3"):
         trace(model, None, adapter, x, heads=[7])
-    with pytest.raises(CaptureError, match="not captured"):
+    with pytest.raises(CaptureError, match=r"layer 0 is out of range: this trace's attention has layers 2, 3 "
+                                           r"\(the model has layers 0\.\.3: trace with layers"):
         part.attention(0, 3)
-    with pytest.raises(CaptureError, match="not captured"):
+    with pytest.raises(CaptureError, match=r"head 0 is out of range: this trace's attention has heads 3 "
+                                           r"\(the model has heads 0\.\.3\)"):
         part.attention(2, 0)
+    # one rule for negative indices: they count from the model's last layer / head, whatever was captured
+    assert torch.equal(part.attention(-1, -1), part.attention(3, 3))
+    assert torch.equal(part.routing.at(-2).indices, part.routing.indices[0]) and part.routing.at(-2).layer == 2
+    with pytest.raises(CaptureError, match="layer 0 is out of range"):
+        part.routing.at(-4)
     with pytest.raises(CaptureError, match="choose any of"):
         trace(model, None, adapter, x, what=["patterns"])
     dense = tiny("llama")

@@ -300,7 +300,7 @@ def test_errors_name_the_valid_range(oss_trace, qwen3_trace):
         views.attention_heatmap(oss_trace, "0", 0)
     fig = views.attention_heatmap(oss_trace, np.int64(1), np.int64(0))  # numpy ints, as widgets give them
     assert fig.layout.title.text.startswith("Layer 1 · head 0")
-    with pytest.raises(CaptureError, match=r"layer 1 is out of range: .*MoE layers\) has layers \[0, 2\]"):
+    with pytest.raises(CaptureError, match=r"layer 1 is out of range: .*MoE layers\) has layers 0, 2"):
         views.expert_heatmap(qwen3_trace, 1)
     with pytest.raises(CaptureError, match=r"two or more different MoE layers"):
         views.expert_flow(qwen3_trace, layers=(0, 0))
@@ -346,3 +346,16 @@ def test_views_on_smollm2(smollm2_session):
     with pytest.raises(CaptureError, match=r"layer 3 is out of range: this trace's attention has layers \[0, 29\] "
                                            r"\(the model has layers 0\.\.29: trace with layers="):
         views.attention_heatmap(t, 3, 0)
+
+
+def test_views_raise_view_errors_and_use_the_one_index_rule(oss_trace):
+    """A view's bad argument is a ViewError (still a CaptureError); -1 is the model's last layer everywhere."""
+    with pytest.raises(wb.ViewError):
+        views.attention_heatmap(oss_trace, 9, 0)
+    last = len(oss_trace.attention_layers) - 1
+    assert views.attention_heatmap(oss_trace, -1, -1).to_dict() == views.attention_heatmap(oss_trace, last, 3).to_dict()
+    from workbench.views.routing import expert_weights
+    assert torch.equal(expert_weights(oss_trace, -1), expert_weights(oss_trace, last))
+    assert torch.equal(expert_weights(oss_trace, -1), oss_trace.routing.at(-1).weights.new_zeros(
+        len(oss_trace.tokens), oss_trace.routing.logits.shape[-1]).scatter_(
+        1, oss_trace.routing.at(-1).indices, oss_trace.routing.at(-1).weights.float()))

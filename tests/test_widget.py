@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.inspect import trace as tracing
+from workbench.inspect import capture as tracing
 from workbench.errors import InterventionError
 from workbench.ui.widget import GenerationWidget, widget
 from workbench.ui.inspector import MEAN, PAGE_SIZE
@@ -272,7 +272,7 @@ def test_inspector_degrades_without_a_trace(w, gpt_oss, monkeypatch):
     g = w.wait(timeout=60)
 
     def broken(*a, **k):
-        raise tracing.CaptureBudgetError("too big for the budget")
+        raise wb.CaptureBudgetError("too big for the budget")
 
     monkeypatch.setattr(tracing, "trace", broken)
     w.inspector.select_token(0)

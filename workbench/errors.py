@@ -69,5 +69,5 @@ class PresetComparisonError(WorkbenchError, ValueError):
     """A comparison of presets that cannot be made: no preset loads, or the checkpoints are different models."""
 
 
-class ViewError(WorkbenchError, ValueError):
+class ViewError(CaptureError):
     """A view asked for something its trace does not hold (a layer not captured, a dense model's routing)."""

@@ -1,4 +1,8 @@
-"""A loaded model and everything needed to talk to it and look inside it."""
+"""The facade: `load` a model into a Session, and one method per thing a user does with it.
+
+The layers below know nothing of the Session (model → chat → inspect → intervene → analysis → views → ui);
+it only wires them together, and holds the one lock that keeps a generation and a capture from overlapping.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -6,14 +10,57 @@ import dataclasses
 import threading
 from typing import TYPE_CHECKING, Any
 
-from workbench.chat import harmony as chat_format
 from workbench.chat import generation
+from workbench.chat import harmony as chat_format
+from workbench.errors import BusyError, WorkbenchError
+from workbench.model import hardware, planning, sources
 from workbench.model.adapters import Adapter
-from workbench.errors import BusyError
+from workbench.model.loading import LoadedModel, load_model
 from workbench.model.report import LoadReport
 
 if TYPE_CHECKING:
-    from workbench.inspect import trace as tracing
+    from workbench.inspect.trace import Trace
+
+GPT_OSS_20B = "openai/gpt-oss-20b"
+
+
+def load(model: Any, preset: str = "auto", **kwargs) -> "Session":
+    """Load a causal LM (hub id, local folder or .gguf file) with a named preset; returns a Session.
+
+    Checks the preset and the memory plan before any weight is read, so an impossible request fails fast
+    with a message that says what would work. Keywords: check_fit, attn_implementation, offload_folder,
+    trust_remote_code, context_tokens, quantize_router (see workbench.model.loading.load_model).
+    """
+    return Session.from_loaded(load_model(model, preset, **kwargs))
+
+
+DEFAULT_KINDS = {
+    "chat": "a real small instruct model to chat with (SmolLM2-135M-Instruct)",
+    "attention": "a real small dense model whose attention means something (SmolLM2-135M-Instruct)",
+    "moe": "gpt-oss-nano: a trained tiny gpt-oss (routing, sinks, harmony, mxfp4 on a CPU)",
+    "routing": "the same as 'moe'",
+}
+
+
+def default_model(kind: str = "chat") -> str:
+    """The model a notebook should use here: gpt-oss-20b on a GPU that fits it, else an offline model of `kind`
+    (see DEFAULT_KINDS: "chat", "attention", "moe"/"routing")."""
+    if kind not in DEFAULT_KINDS:
+        raise WorkbenchError(f"default_model({kind!r}): unknown kind. Kinds: " +
+                             "; ".join(f"{k!r}: {v}" for k, v in DEFAULT_KINDS.items()) + ".")
+    if hardware.gpus():
+        try:
+            sources.resolve(GPT_OSS_20B)  # cached, or the hub is reachable
+            preset, _ = planning.choose_auto(GPT_OSS_20B)
+            if preset in ("mxfp4", "bf16"):
+                return GPT_OSS_20B
+        except Exception:  # no weights reachable or no fit: fall back to the offline models
+            pass
+    from workbench import fixtures
+
+    if kind in ("moe", "routing"):
+        return str(fixtures.nano_path())
+    return str(fixtures.smollm2_path())
 
 
 @dataclasses.dataclass
@@ -26,21 +73,53 @@ class Session:
     source: Any = None
     _busy: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel) -> "Session":
+        return cls(model=loaded.model, tokenizer=loaded.tokenizer, adapter=loaded.adapter, report=loaded.report,
+                   plan=loaded.plan, source=loaded.source)
+
+    # ---- one thing at a time ----
+    @property
+    def busy(self) -> bool:
+        """Whether a generation (or a capture) is running on this session now."""
+        return self._busy.locked()
+
+    def wait_idle(self) -> None:
+        """Wait until nothing runs on the session (polling, so Ctrl-C still works)."""
+        while not self._busy.acquire(timeout=0.1):
+            pass
+        self._busy.release()
+
+    @contextlib.contextmanager
+    def exclusive(self, doing: str):
+        """`with s.exclusive("counting routing"):` nothing else runs on the session inside; BusyError if something
+        does now. A capture switches the model's attention implementation: a generation running meanwhile would
+        go through it (and be recorded), so the two never overlap."""
+        if not self._busy.acquire(blocking=False):
+            raise BusyError(f"a generation is running on this session: stop it or wait before {doing}")
+        try:
+            yield
+        finally:
+            self._busy.release()
+
     @property
     def harmony(self) -> bool:
         return chat_format.is_harmony(self.tokenizer)
 
     def render(self, prompt, *, reasoning_effort: str | None = None, system: str | None = None,
-               developer: str | None = None) -> list[int]:
-        """Token ids the model sees for a prompt (a string, chat messages, or token ids as-is)."""
+               developer: str | None = None, tools: list | None = None, renderer: str | None = None) -> list[int]:
+        """Token ids the model sees for a prompt (a string, chat messages, or token ids as-is).
+
+        `renderer="harmony"` renders with openai-harmony instead of the model's chat template (gpt-oss only).
+        """
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
             return list(prompt)
         return chat_format.render(self.tokenizer, chat_format.as_messages(prompt), reasoning_effort=reasoning_effort,
-                                  system=system, developer=developer)
+                                  system=system, developer=developer, tools=tools, renderer=renderer)
 
     def stream(self, prompt, *, reasoning_effort: str | None = None, system: str | None = None,
-               developer: str | None = None, stop_tokens: list[int] | None = None,
-               **sampling) -> "generation.GenerationRun":
+               developer: str | None = None, tools: list | None = None, renderer: str | None = None,
+               stop_tokens: list[int] | None = None, **sampling) -> "generation.GenerationRun":
         """Start generating in a background thread; iterate for `Delta`s (text + channel), `.stop()` to end.
 
         Sampling keywords: temperature (0 = greedy), top_p, top_k, max_new_tokens, seed, top_alternatives.
@@ -49,7 +128,8 @@ class Session:
         """
         params = generation.SamplingParams(**sampling)
         params.validate()
-        prompt_ids = self.render(prompt, reasoning_effort=reasoning_effort, system=system, developer=developer)
+        prompt_ids = self.render(prompt, reasoning_effort=reasoning_effort, system=system, developer=developer,
+                                 tools=tools, renderer=renderer)
         if not self._busy.acquire(blocking=False):
             raise BusyError("a generation is already running on this session: stop it (run.stop()) or wait for it")
         try:
@@ -65,15 +145,15 @@ class Session:
         """Generate a whole answer; returns a Generation (text, channels, token ids, logprobs, alternatives)."""
         return self.stream(prompt, **kwargs).result()
 
-    def trace(self, inputs, *, what=None, layers=None, heads=None, budget="2GB", dtype=None) -> "tracing.Trace":
+    def trace(self, inputs, *, what=None, layers=None, heads=None, budget="2GB", dtype=None) -> "Trace":
         """One forward over a Generation, text, chat messages or token ids, recording routing/attention/residuals.
 
         Tracing a Generation replays prompt + completion in a single forward: by causality every token
         sees exactly what it saw while being generated.
         """
-        from workbench.inspect import trace as tracing
+        from workbench.inspect import capture as tracing
 
-        with self._exclusive("tracing"):
+        with self.exclusive("tracing"):
             return tracing.trace(self.model, self.tokenizer, self.adapter, inputs, what=what, layers=layers,
                                  heads=heads, budget=budget, dtype=dtype, preset=self.report.preset)
 
@@ -82,20 +162,9 @@ class Session:
         """`with s.capture(...) as cap: s.model(...)`, then `cap.trace(s.tokenizer)`."""
         from workbench.inspect.capture import capture
 
-        with self._exclusive("capturing"), capture(self.model, self.adapter, what=what, layers=layers, heads=heads,
+        with self.exclusive("capturing"), capture(self.model, self.adapter, what=what, layers=layers, heads=heads,
                                                    dtype=dtype, budget=budget) as cap:
             yield cap
-
-    @contextlib.contextmanager
-    def _exclusive(self, doing: str):
-        # A capture switches the model's attention implementation: a generation running meanwhile would
-        # go through it (and be recorded), so the two never overlap.
-        if not self._busy.acquire(blocking=False):
-            raise BusyError(f"a generation is running on this session: stop it or wait before {doing}")
-        try:
-            yield
-        finally:
-            self._busy.release()
 
     # ---- interventions: context managers that change the model only inside `with` ----
     def ablate_experts(self, experts: dict):

@@ -31,10 +31,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from workbench import metrics
+from workbench.errors import PresetComparisonError
+from workbench.inspect.routing import routed_forward
+from workbench.inspect.spec import config_hash
+from workbench.metrics import kl_divergence
 from workbench.model import loading
-from workbench.inspect.capture import capture
-from workbench.errors import PresetComparisonError, WorkbenchError
-from workbench.inspect.trace import config_hash
+from workbench.model.adapters import input_device
 
 DEFAULT_PRESETS = ("bf16", "mxfp4", "nf4")
 
@@ -121,18 +124,13 @@ def _free() -> None:
 def _forward(session, ids: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Per text: next-token log-probs [T, vocab] float32 on the CPU and routing indices [layers, T, k]."""
     model, adapter = session.model, session.adapter
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     out = []
     for x in ids:
         input_ids = torch.tensor([x], dtype=torch.int64, device=device)
-        with torch.no_grad():
-            if adapter.is_moe:
-                with capture(model, adapter, what=["routing"]) as cap:
-                    logits = model(input_ids=input_ids, use_cache=False).logits
-                record = cap.records[-1]
-                routing = torch.stack([record.indices[layer] for layer in sorted(record.indices)])
-            else:
-                logits, routing = model(input_ids=input_ids, use_cache=False).logits, None
+        out_, routed = routed_forward(model, adapter, input_ids=input_ids, use_cache=False)
+        logits = out_.logits
+        routing = torch.stack([routed[layer].indices.cpu() for layer in sorted(routed)]) if adapter.is_moe else None
         out.append((torch.log_softmax(logits[0].float(), dim=-1).cpu(), routing))
     return out
 
@@ -163,7 +161,7 @@ def compare_presets(model, presets: Sequence[str] | None = None, texts: Sequence
     skipped, reports, layers, per_layer, summary, notes = {}, {}, [], {}, {}, []
     for preset in order:
         try:
-            session = loading.load(sources[preset], preset, **load_kwargs)
+            session = loading.load_model(sources[preset], preset, **load_kwargs)
         except Exception as e:  # any failure to load makes the preset impossible here: say why, go on
             if preset == reference:
                 raise
@@ -204,15 +202,14 @@ def _against(ref, results, layers) -> tuple[dict, dict]:
     jaccard = torch.zeros(len(layers), dtype=torch.float64)
     kl_sum, kl_max, same_next, tokens = 0.0, 0.0, 0, 0
     for (ref_logp, ref_route), (logp, route) in zip(ref, results):
-        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # [T] KL(ref || preset), nats
+        kl = kl_divergence(ref_logp, logp)  # [T] KL(ref || preset), nats; 0 where the reference gives p = 0
         kl_sum += float(kl.double().sum())
         kl_max = max(kl_max, float(kl.max()))
         same_next += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
         tokens += len(kl)
         if ref_route is not None:
             top1 += (ref_route[..., 0] == route[..., 0]).double().sum(-1)
-            inter = (ref_route.unsqueeze(-1) == route.unsqueeze(-2)).any(-1).sum(-1).double()  # [L, T]
-            jaccard += (inter / (2 * ref_route.shape[-1] - inter)).sum(-1)
+            jaccard += metrics.jaccard(ref_route, route).sum(-1)  # [L]
     per_layer = {"layer": list(layers), "top1_agreement": (top1 / tokens).tolist(),
                  "jaccard": (jaccard / tokens).tolist()}
     summary = {"kl_mean": kl_sum / tokens, "kl_max": kl_max, "top1_logits": same_next / tokens,

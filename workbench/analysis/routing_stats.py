@@ -1,12 +1,12 @@
 """Routing statistics over a corpus, streamed: memory stays flat however many texts go through.
 
     st = routing_stats(s, texts, batch_size=8, max_tokens=512, checkpoint="stats.safetensors")
-    st.load            # [layers, experts] int64: top-k selections per expert
+    st.expert_load     # [layers, experts] int64: top-k selections per expert
     st.load_weight     # [layers, experts] float64: summed routing weights the model applied
     st.coactivation    # [layers, experts, experts] int64: tokens that chose both (diagonal = load)
     st.entropy_mean    # [layers] bits; st.entropy_hist [layers, bins] over [0, log2(experts)]
     st.top_tokens(layer, expert, k=10)   # token ids sent there most, from st.token_experts
-    st.save("stats.safetensors"); RoutingStats.from_file("stats.safetensors")
+    st.save("stats.safetensors"); RoutingStats.load("stats.safetensors")
     merge_routing_stats(["a.safetensors", "b.safetensors"])   # parts from several processes, summed
 
 - texts: any iterable, consumed lazily: strings, dicts with a "text" key (HF datasets rows), or token-id
@@ -36,13 +36,15 @@ from typing import Iterable
 
 import torch
 
-from workbench.errors import RoutingStatsError, TraceModelMismatchError, WorkbenchError
-from workbench.inspect.capture import router_logits
-from workbench.inspect.trace import config_hash
+from workbench.errors import RoutingStatsError, TraceModelMismatchError
+from workbench.inspect.routing import Routed, watch_routing
+from workbench.inspect.spec import config_hash
+from workbench.metrics import entropy_bits, entropy_bits_from_logits
+from workbench.model.adapters import input_device, text_config
 
-FORMAT, VERSION = "workbench-routing-stats", 1
+FORMAT, VERSION = "workbench-routing-stats", 2  # 2: load/load_weight renamed expert_load/expert_load_weight
 BINS = 20
-_COUNTS = ("load", "load_weight", "top1", "coactivation", "entropy_sum", "entropy_hist")
+_COUNTS = ("expert_load", "expert_load_weight", "top1", "coactivation", "entropy_sum", "entropy_hist")
 
 
 class RoutingStatsMismatchError(RoutingStatsError, TraceModelMismatchError):
@@ -57,8 +59,8 @@ class RoutingStats:
     meta: dict  # config_hash, model, max_tokens, bins, token_table
     texts: int = 0  # texts consumed (empty ones included)
     tokens: int = 0  # tokens counted (pads excluded), the same in every layer
-    load: torch.Tensor = None  # [L, E] int64
-    load_weight: torch.Tensor = None  # [L, E] float64
+    expert_load: torch.Tensor = None  # [L, E] int64: top-k selections per expert
+    expert_load_weight: torch.Tensor = None  # [L, E] float64: applied weights summed
     top1: torch.Tensor = None  # [L, E] int64: first choices only
     coactivation: torch.Tensor = None  # [L, E, E] int64
     entropy_sum: torch.Tensor = None  # [L] float64, bits
@@ -93,17 +95,17 @@ class RoutingStats:
 
     def load_share(self) -> torch.Tensor:
         """[L, E] share of tokens that chose each expert (rows sum to top_k)."""
-        return self.load.double() / max(self.tokens, 1)
+        return self.expert_load.double() / max(self.tokens, 1)
 
     def load_balance(self) -> dict[str, torch.Tensor]:
         """Per layer ([L] each): coefficient of variation of the load, max/mean, min/mean, and the
         normalized entropy of the load distribution (1.0 = perfectly balanced)."""
-        load = self.load.double()
+        load = self.expert_load.double()
         mean = load.mean(1).clamp_min(1e-12)
         p = load / load.sum(1, keepdim=True).clamp_min(1e-12)
         return {"cv": load.std(1, unbiased=False) / mean, "max_over_mean": load.amax(1) / mean,
                 "min_over_mean": load.amin(1) / mean,
-                "normalized_entropy": torch.special.entr(p).sum(1) / math.log(self.num_experts)}
+                "normalized_entropy": entropy_bits(p, dim=1) / math.log2(self.num_experts)}
 
     def top_tokens(self, layer: int, expert: int, k: int = 10, tokenizer=None) -> list[tuple]:
         """The k token ids sent to `expert` at `layer` most often: (id, text or None, count, share), where
@@ -135,8 +137,8 @@ class RoutingStats:
         E, bins = self.num_experts, self.meta["bins"]
         offset = (torch.arange(L, device=indices.device) * E).view(L, 1, 1)
         flat = (indices + offset).reshape(-1)
-        self.load += torch.bincount(flat, minlength=L * E).view(L, E)
-        self.load_weight.view(-1).index_add_(0, flat, weights.reshape(-1).double())
+        self.expert_load += torch.bincount(flat, minlength=L * E).view(L, E)
+        self.expert_load_weight.view(-1).index_add_(0, flat, weights.reshape(-1).double())
         self.top1 += torch.bincount((indices[..., 0:1] + offset).reshape(-1), minlength=L * E).view(L, E)
         pairs = (indices + offset).unsqueeze(-1) * E + indices.unsqueeze(-2)  # [L, N, k, k]
         self.coactivation += torch.bincount(pairs.reshape(-1), minlength=L * E * E).view(L, E, E)
@@ -200,7 +202,7 @@ class RoutingStats:
         return path
 
     @classmethod
-    def from_file(cls, path) -> "RoutingStats":
+    def load(cls, path) -> "RoutingStats":
         """Read a file written by `save` (or a routing_stats checkpoint)."""
         from safetensors import safe_open
 
@@ -238,51 +240,30 @@ class RoutingStats:
             raise RoutingStatsMismatchError(f"{what} has other routed layers or experts than this run.")
 
 
-# `RoutingStats.load(path)` reads a file too, as `Trace.load` does; set after the class so that the field of the
-# same name (on an instance, `.load` is the expert-load tensor) keeps its own default.
-RoutingStats.load = classmethod(RoutingStats.from_file.__func__)
 
 
 # ---- reading routing during a batched forward ---------------------------------------------------------
 class _RouterHooks:
-    """Pre-hooks on the routed MLPs: experts, weights and entropy of the non-pad rows of each forward.
+    """Experts, weights and entropy of the non-pad rows of each batched forward, read through the
+    router-logits primitive (workbench/inspect/routing.py), as the capture reads them."""
 
-    The arithmetic is the capture's (workbench/capture.py): F.linear on the MLP input with the router's
-    weight and bias (looked up at call time: offloading swaps them), then the active interventions'
-    logit transforms, then `adapter.route`.
-    """
-
-    def __init__(self, model, adapter, config, layers):
-        self.model, self.adapter, self.config, self.layers = model, adapter, config, layers
-        self.handles, self.out, self.valid, self._masks = [], {}, None, {}
+    def __init__(self, model, adapter, layers):
+        self.watch = watch_routing(model, adapter, layers, self._on_route)
+        self.layers, self.out, self.valid, self._masks = layers, {}, None, {}
 
     def __enter__(self) -> "_RouterHooks":
-        try:
-            for layer in self.layers:
-                mlp = self.adapter.mlp_module(self.model, layer)
-                hook = self._hook(layer, getattr(mlp, self.adapter.router))
-                self.handles.append(mlp.register_forward_pre_hook(hook, with_kwargs=True))
-        except BaseException:
-            self.__exit__()
-            raise
+        self.watch.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+        self.watch.__exit__(*exc)
 
-    def _hook(self, layer: int, router):
-        def hook(module, args, kwargs):
-            if self.valid is None:
-                return
-            x = args[0] if args else kwargs["hidden_states"]
-            with torch.no_grad():
-                logits = router_logits(module, router, x)[self._mask(x.device)]
-                indices, weights = self.adapter.route(logits, self.config)
-                entropy = torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum(-1) / math.log(2)
-            self.out[layer] = (indices, weights, entropy)
-        return hook
+    def _on_route(self, layer: int, routed: Routed) -> None:
+        if self.valid is None:
+            return
+        keep = self._mask(routed.logits.device)
+        entropy = entropy_bits_from_logits(routed.logits[keep])
+        self.out[layer] = (routed.indices[keep], routed.weights[keep], entropy)
 
     def _mask(self, device) -> torch.Tensor:
         if device not in self._masks:  # layers may sit on different devices (device_map="auto")
@@ -349,23 +330,23 @@ def routing_stats(session, texts: Iterable, *, batch_size: int = 8, max_tokens: 
         raise RoutingStatsError(f"{adapter.family} is a dense model: it has no routing to count.")
     if batch_size < 1 or max_tokens < 1:
         raise RoutingStatsError("batch_size and max_tokens must be at least 1.")
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     layers = adapter.moe_layers(model)
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     meta = {"config_hash": config_hash(model.config), "model": getattr(config, "_name_or_path", None),
             "max_tokens": max_tokens, "bins": bins, "token_table": bool(token_table)}
     stats = RoutingStats.empty(layers, adapter.num_experts(config), adapter.top_k(config), meta, device)
     if checkpoint is not None and Path(checkpoint).exists():
-        saved = RoutingStats.from_file(checkpoint)
+        saved = RoutingStats.load(checkpoint)
         stats.check_compatible(saved, f"checkpoint {checkpoint}")
         stats = saved.to(device)
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     extra = forward_kwargs(model)
     total = len(texts) if hasattr(texts, "__len__") else None
     items = itertools.islice(iter(texts), stats.texts, None)  # skip what the checkpoint already counted
-    exclusive = session._exclusive("counting routing") if hasattr(session, "_exclusive") else contextlib.nullcontext()
+    exclusive = session.exclusive("counting routing") if hasattr(session, "exclusive") else contextlib.nullcontext()
     consistent, batches = True, 0
-    with exclusive, _RouterHooks(model, adapter, config, layers) as hooks, \
+    with exclusive, _RouterHooks(model, adapter, layers) as hooks, \
             tqdm(total=total, initial=stats.texts, unit="text", disable=not progress, desc="routing stats") as bar:
         try:
             while batch := list(itertools.islice(items, batch_size)):
@@ -377,7 +358,7 @@ def routing_stats(session, texts: Iterable, *, batch_size: int = 8, max_tokens: 
                     hooks.start(valid)
                     with torch.no_grad():
                         model(input_ids=input_ids, attention_mask=mask, use_cache=False, **extra)
-                    routed = hooks.finish(stats.load.device)
+                    routed = hooks.finish(stats.expert_load.device)
                 consistent = False  # a failure from here to the end of the batch would leave half a batch
                 if kept:
                     stats._add(*routed, input_ids.reshape(-1)[valid])
@@ -399,7 +380,7 @@ def routing_stats(session, texts: Iterable, *, batch_size: int = 8, max_tokens: 
 def merge_routing_stats(parts) -> RoutingStats:
     """Sum routing statistics (paths or RoutingStats) computed on disjoint parts of a corpus, e.g. one per
     process; all parts must come from the same model and settings."""
-    parts = [p if isinstance(p, RoutingStats) else RoutingStats.from_file(p) for p in parts]
+    parts = [p if isinstance(p, RoutingStats) else RoutingStats.load(p) for p in parts]
     if not parts:
         raise RoutingStatsError("nothing to merge: pass at least one routing-stats file or object.")
     first = parts[0]

@@ -32,6 +32,7 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from workbench.errors import ContextLengthError, SamplingError
+from workbench.model.adapters import input_device, text_config
 
 
 @dataclasses.dataclass
@@ -159,7 +160,7 @@ class _OnToken(StoppingCriteria):
 
 def context_limit(model, tokenizer) -> int | None:
     """The model's context in tokens: config.max_position_embeddings, else a sane tokenizer.model_max_length."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     limit = getattr(config, "max_position_embeddings", None)
     if not limit:
         limit = getattr(tokenizer, "model_max_length", None)
@@ -296,7 +297,7 @@ def _run(job: _Job, model, tokenizer, prompt_ids, params, parser, stop_ids) -> N
         if params.top_p < 1.0:
             processors.append(TopPLogitsWarper(params.top_p))
         processors.append(_Sampler(params.seed))
-    device = next(model.parameters()).device
+    device = input_device(model)
     input_ids = torch.tensor([prompt_ids], device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
     t0 = time.perf_counter()

@@ -16,104 +16,19 @@ so a sliding-window layer never materialises more than its band plus the answer.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import re
 import weakref
 from pathlib import Path
 
 import torch
 
-from workbench.model.adapters import Adapter, adapter_for
-from workbench.inspect.capture import Capture, CaptureError, Record, capture, resolve_indices
-from workbench.errors import CaptureBudgetError, TraceFileError, TraceModelMismatchError
+from workbench.errors import CaptureError, TraceFileError, TraceModelMismatchError
+from workbench.indices import format_indices, resolve_index
+from workbench.inspect.spec import CaptureSpec, Record, config_hash
+from workbench.model.adapters import adapter_for
 
 FORMAT, VERSION = "workbench-trace", 1
 _QUERY_BLOCK = 256
-
-
-# ---- budgets ----------------------------------------------------------------------------------------
-def parse_bytes(budget) -> int:
-    """'2GB', '500MB', '1.5GiB', 10**9 -> bytes (GB = 10**9, GiB = 2**30)."""
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        return int(budget)
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", str(budget), re.IGNORECASE)
-    if not m:
-        raise CaptureBudgetError(f"budget={budget!r} is not a size: use e.g. '2GB', '500MB' or a number of bytes.")
-    unit = (1024 if m.group(3) else 1000) ** "_KMGT".index(m.group(2).upper() or "_")
-    return int(float(m.group(1)) * unit)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-
-
-def trace_bytes(config, adapter: Adapter | None = None, tokens: int = 1, what=("routing", "attention"),
-                layers=None, heads=None, dtype: torch.dtype = torch.bfloat16, moe_layers=None) -> dict[str, int]:
-    """Bytes a trace needs, from the config alone: {"attention", "routing", "residuals", "total"}.
-
-    Attention keeps q for each requested head and k for the KV heads they read; routing keeps float32 logits,
-    int64 indices and the applied weights (at most 4 bytes); residuals keep one hidden vector per token.
-    """
-    adapter = adapter or adapter_for(config)[0]
-    n_layers = int(config.num_hidden_layers)
-    layers = resolve_indices(layers, n_layers, "layer")
-    n_heads = int(config.num_attention_heads)
-    n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
-    heads = resolve_indices(heads, n_heads, "head")
-    kv = len({h // (n_heads // n_kv) for h in heads})
-    size = torch.finfo(dtype).bits // 8
-    out = {"attention": 0, "routing": 0, "residuals": 0}
-    if "attention" in what:
-        out["attention"] = tokens * len(layers) * (len(heads) + kv) * head_dim * size
-    if "routing" in what and adapter.is_moe:
-        routed = [i for i in (moe_layers if moe_layers is not None else range(n_layers)) if i in layers]
-        e, k = adapter.num_experts(config), adapter.top_k(config)
-        out["routing"] = tokens * len(routed) * (e * 4 + k * 8 + k * 4)
-    if "residuals" in what:
-        out["residuals"] = tokens * len(layers) * int(config.hidden_size) * size
-    out["total"] = sum(out.values())
-    return out
-
-
-def check_budget(cap: Capture, tokens: int) -> None:
-    """Raise CaptureBudgetError, naming cheaper requests that fit, when `cap` would exceed its budget."""
-    budget = parse_bytes(cap.budget)
-    cfg, dtype = cap.config, cap.dtype
-
-    def size(**kw) -> int:
-        args = dict(what=cap.what, layers=cap.layers, heads=cap.heads)
-        args.update(kw)
-        return trace_bytes(cfg, cap.adapter, tokens, dtype=dtype, moe_layers=cap.routed_layers, **args)["total"]
-
-    need = size()
-    if need <= budget:
-        return
-    options = []
-    if "routing" in cap.what:
-        options.append(f"routing only (what=['routing']): {_human(size(what=('routing',)))}")
-    if "attention" in cap.what:
-        per_layer = size(what=("attention",), layers=cap.layers[:1])
-        fit = max(1, int(budget // max(per_layer, 1)))
-        if fit < len(cap.layers):
-            few = cap.layers[:fit]
-            options.append(f"attention on {fit} layer(s) (layers={few if fit <= 4 else f'{few[:2]}...'}): "
-                           f"{_human(size(what=('attention',), layers=few))}")
-        options.append(f"attention for one head per layer (heads=[{cap.heads[0]}]): "
-                       f"{_human(size(what=('attention',), heads=cap.heads[:1]))}")
-    if "residuals" in cap.what:
-        options.append(f"without residuals: {_human(size(what=tuple(w for w in cap.what if w != 'residuals')))}"
-                       if len(cap.what) > 1 else "fewer layers")
-    fit_tokens = int(tokens * budget / need)
-    options.append(f"the same request on the first {fit_tokens} tokens")
-    raise CaptureBudgetError(
-        f"This trace needs {_human(need)} ({tokens} tokens, {len(cap.layers)} layers, {len(cap.heads)} heads, "
-        f"{', '.join(cap.what)}, {str(dtype).removeprefix('torch.')}), over the budget of {_human(budget)}. "
-        f"Cheaper requests: " + "; ".join(options) + ". Or raise the budget (budget='8GB').")
 
 
 # ---- the trace --------------------------------------------------------------------------------------
@@ -128,16 +43,36 @@ class Tokens:
 
 
 @dataclasses.dataclass
+class LayerRouting:
+    """What one routed layer applied to every token."""
+
+    layer: int
+    indices: torch.Tensor  # [tokens, k] int64
+    weights: torch.Tensor  # [tokens, k]
+    logits: torch.Tensor  # [tokens, experts] float32
+
+
+@dataclasses.dataclass
 class Routing:
+    """Routing of the routed layers a trace recorded. The tensors' first axis runs over `layers` (rows);
+    `at(layer)` addresses a model layer (negative counts from the last routed layer)."""
+
     layers: list[int]  # which model layers the rows are
     indices: torch.Tensor  # [layers, tokens, k] int64
     weights: torch.Tensor  # [layers, tokens, k], the weights the model applied (its dtype)
     logits: torch.Tensor  # [layers, tokens, experts] float32
+    num_layers: int | None = None  # layers in the model, for messages
 
     def row(self, layer: int) -> int:
-        if layer not in self.layers:
-            raise CaptureError(f"routing was captured for layers {self.layers}, not layer {layer}.")
-        return self.layers.index(layer)
+        """The row of model layer `layer` in the tensors above."""
+        hint = f" (the model has layers 0..{self.num_layers - 1})" if self.num_layers else ""
+        return self.layers.index(resolve_index(layer, self.layers, "layer", "this trace's routing (MoE layers)",
+                                               CaptureError, hint, count=self.num_layers))
+
+    def at(self, layer: int) -> LayerRouting:
+        """Experts, weights and logits of model layer `layer`."""
+        r = self.row(layer)
+        return LayerRouting(self.layers[r], self.indices[r], self.weights[r], self.logits[r])
 
 
 @dataclasses.dataclass
@@ -145,16 +80,6 @@ class LogitLens:
     ids: torch.Tensor  # [tokens, k]
     probs: torch.Tensor  # [tokens, k] float32
     strings: list[list[str]]
-
-
-def config_hash(config) -> str:
-    """sha256 of the config (sorted JSON) without what differs between presets of the same model."""
-    d = config.to_dict()
-    for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config",
-                "_attn_implementation_autoset", "attn_implementation", "_commit_hash", "use_cache",
-                "output_attentions", "output_hidden_states", "return_dict", "_experts_implementation"):
-        d.pop(key, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class Trace:
@@ -166,12 +91,23 @@ class Trace:
         self._sink_mass = None
         r = meta.get("routing_layers") or []
         self.routing: Routing | None = Routing(
-            r, tensors["routing.indices"], tensors["routing.weights"], tensors["routing.logits"]) if r else None
+            r, tensors["routing.indices"], tensors["routing.weights"], tensors["routing.logits"],
+            meta.get("num_layers")) if r else None
 
     @property
     def layers(self) -> list[int]:
-        """Layers whose attention was captured."""
+        """The model layers this trace was asked for (each part's own: attention_layers, routing.layers)."""
+        return self.meta["layers"]
+
+    @property
+    def attention_layers(self) -> list[int]:
+        """Model layers whose attention was captured."""
         return self.meta["attention_layers"]
+
+    @property
+    def model(self):
+        """The model the trace was taken from, while it is alive (None for a trace loaded from a file)."""
+        return self._model() if self._model is not None else None
 
     @property
     def heads(self) -> list[int]:
@@ -179,24 +115,41 @@ class Trace:
 
     def __repr__(self) -> str:
         return (f"Trace({self.meta.get('model')!r}, {len(self.tokens)} tokens, {', '.join(self.meta['what'])}, "
-                f"layers={_short(self.meta['layers'])}, heads={_short(self.heads)})")
+                f"layers={format_indices(self.meta['layers'])}, heads={format_indices(self.heads)})")
 
     # ---- attention ------------------------------------------------------------------------------
-    def _check(self, layer: int, head=None) -> tuple[int, list[int]]:
-        if "attention" not in self.meta["what"]:
-            raise CaptureError("attention was not captured: trace with what=('attention', ...).")
+    def attention_layer(self, layer: int) -> int:
+        """`layer` as a captured attention layer (negative counts from the last one), else a CaptureError."""
+        if "attention" not in self.meta["what"] or not self.attention_layers:
+            raise CaptureError("this trace has no attention: trace with what=['attention'] (plus anything else).")
         n = self.meta["num_layers"]
-        if isinstance(layer, int) and -n <= layer < 0:
-            layer += n
-        if layer not in self.layers:
-            raise CaptureError(f"layer {layer!r} was not captured: this trace has attention for layers "
-                               f"{_short(self.layers)} (the model has layers 0..{n - 1}).")
-        heads = self.heads if head is None else [head]
-        for h in heads:
-            if h not in self.heads:
-                raise CaptureError(f"head {h!r} was not captured: this trace has heads {_short(self.heads)} "
-                                   f"(the model has heads 0..{self.meta['num_heads'] - 1}).")
-        return layer, heads
+        hint = (f" (the model has layers 0..{n - 1}: trace with layers=[...] to capture others)"
+                if len(self.attention_layers) < n else "")
+        return resolve_index(layer, self.attention_layers, "layer", "this trace's attention", CaptureError, hint,
+                             count=n)
+
+    def attention_head(self, head: int) -> int:
+        """`head` as a captured head (negative counts from the last one), else a CaptureError."""
+        n = self.meta["num_heads"]
+        hint = f" (the model has heads 0..{n - 1})" if len(self.heads) < n else ""
+        return resolve_index(head, self.heads, "head", "this trace's attention", CaptureError, hint, count=n)
+
+    def _check(self, layer: int, head=None) -> tuple[int, list[int]]:
+        layer = self.attention_layer(layer)
+        return layer, self.heads if head is None else [self.attention_head(head)]
+
+    def has_sinks(self, layer: int) -> bool:
+        """Whether `layer` has learned attention sinks (gpt-oss): the trace keeps their logits beside q and k."""
+        return f"sinks.{self.attention_layer(layer)}" in self._t
+
+    def attention_blocks(self, layer: int, heads: list[int] | None = None):
+        """Yield (query start, key start, probs [heads, queries, keys], sink [heads, queries] or None) for `heads`
+        (default all) of `layer`, one block of queries at a time: memory stays one block, even for 2,000 tokens
+        x 64 heads. On a sliding-window layer a block holds only the keys its queries can see (from key start)."""
+        layer = self.attention_layer(layer)
+        heads = self.heads if heads is None else [self.attention_head(h) for h in heads]
+        for a, _, lo, probs, sink in self._blocks(layer, heads):
+            yield a, lo, probs, sink
 
     def _blocks(self, layer: int, heads: list[int]):
         """Yield (query start, query stop, key start, probs [h, q, keys], sink probs [h, q] or None)."""
@@ -258,47 +211,65 @@ class Trace:
 
     @property
     def sink_mass(self) -> torch.Tensor:
-        """[attention layers, heads, tokens] float32: each query's probability taken by the sink (0 without)."""
+        """[attention layers, heads, tokens] float32: each query's probability taken by the sink (0 without).
+        Rows run over `attention_layers`; `sink_mass_at(layer)` addresses a model layer."""
         if self._sink_mass is None:
-            mass = torch.zeros(len(self.layers), len(self.heads), len(self.tokens))
-            for row, layer in enumerate(self.layers):
-                if f"sinks.{layer}" in self._t:
-                    for a, b, _, _, sink in self._blocks(layer, self.heads):
-                        mass[row, :, a:b] = sink
-            self._sink_mass = mass
+            self._sink_mass = torch.stack([self._layer_sink_mass(layer, self.heads) for layer in self.attention_layers]) \
+                if self.attention_layers else torch.zeros(0, len(self.heads), len(self.tokens))
         return self._sink_mass
+
+    def sink_mass_at(self, layer: int, head: int | None = None) -> torch.Tensor:
+        """Sink mass of model layer `layer`: [heads, tokens], or [tokens] for one head. Computes only that
+        layer (and head) unless `sink_mass` was computed already."""
+        layer, heads = self._check(layer, head)
+        if self._sink_mass is not None:
+            mass = self._sink_mass[self.attention_layers.index(layer)]
+            return mass[self.heads.index(heads[0])] if head is not None else mass
+        mass = self._layer_sink_mass(layer, heads)
+        return mass[0] if head is not None else mass
+
+    def _layer_sink_mass(self, layer: int, heads: list[int]) -> torch.Tensor:
+        mass = torch.zeros(len(heads), len(self.tokens))
+        if f"sinks.{layer}" in self._t:
+            for a, b, _, _, sink in self._blocks(layer, heads):
+                mass[:, a:b] = sink
+        return mass
 
     # ---- residuals and logit lens ---------------------------------------------------------------------
     def residual(self, layer: int) -> torch.Tensor:
         """[tokens, hidden]: the residual stream after decoder layer `layer`."""
         if "residuals" not in self.meta["what"]:
             raise CaptureError("residuals were not captured: trace with what=(..., 'residuals').")
-        n = self.meta["num_layers"]
-        if isinstance(layer, int) and -n <= layer < 0:
-            layer += n
-        if f"residual.{layer}" not in self._t:
-            raise CaptureError(f"layer {layer!r}: residuals were captured for layers {_short(self.meta['layers'])}.")
+        if "residuals" not in self.meta["what"]:
+            raise CaptureError("residuals were not captured: trace with what=(..., 'residuals').")
+        layer = resolve_index(layer, self.meta["layers"], "layer", "this trace's residuals", CaptureError,
+                              count=self.meta["num_layers"])
         return self._t[f"residual.{layer}"]
 
-    def lens_logits(self, layer: int, model=None) -> torch.Tensor:
-        """[tokens, vocab] float32: the model's final norm and lm_head applied to residual(layer)."""
-        model = self._need_model(model)
-        adapter = adapter_for(model.config)[0]
-        norm = _get(model, adapter.layers.rsplit(".", 1)[0]).norm
+    def lens_logits(self, layer: int, model=None, positions: range | None = None) -> torch.Tensor:
+        """[tokens, vocab] float32: the model's final norm and lm_head applied to residual(layer), for
+        `positions` only when given (the unembedding of a long trace is tokens x vocab floats per layer)."""
+        model = self.require_model(model)
+        norm = adapter_for(model.config)[0].final_norm_module(model)
         head = model.get_output_embeddings()
-        x = self.residual(layer).to(head.weight.device, getattr(torch, self.meta["residual_dtype"]))
+        x = self.residual(layer)
+        if positions is not None:
+            x = x[positions.start:positions.stop]
+        x = x.to(head.weight.device, getattr(torch, self.meta["residual_dtype"]))
         with torch.no_grad():
             return head(norm(x)).float().cpu()
 
-    def logit_lens(self, layer: int, k: int = 5, model=None, tokenizer=None) -> LogitLens:
+    def logit_lens(self, layer: int, k: int = 5, model=None, tokenizer=None,
+                   positions: range | None = None) -> LogitLens:
         """Top-k next-token guesses read from residual(layer) through the final norm and lm_head."""
-        probs = torch.softmax(self.lens_logits(layer, model), dim=-1)
+        probs = torch.softmax(self.lens_logits(layer, model, positions), dim=-1)
         top = probs.topk(k, dim=-1)
         decode = (lambda i: tokenizer.decode([i])) if tokenizer is not None else str
         return LogitLens(top.indices, top.values, [[decode(int(i)) for i in row] for row in top.indices])
 
-    def _need_model(self, model):
-        model = model if model is not None else (self._model() if self._model else None)
+    def require_model(self, model=None):
+        """`model` (checked to be the one this trace came from), else the live model it was taken from."""
+        model = model if model is not None else self.model
         if model is None:
             raise CaptureError("this needs the model (a loaded trace keeps no weights): pass model=session.model.")
         self.check_model(model)
@@ -361,7 +332,9 @@ class Trace:
 
     # ---- building -------------------------------------------------------------------------------------
     @classmethod
-    def from_record(cls, cap: Capture, record: Record, tokenizer=None, channels=None, preset=None) -> "Trace":
+    def from_record(cls, spec: CaptureSpec, record: Record, tokenizer=None, channels=None, preset=None,
+                    model=None) -> "Trace":
+        """A Trace from what a capture asked for (`spec`) and what one forward recorded."""
         import safetensors
         import transformers
 
@@ -386,39 +359,26 @@ class Trace:
             tensors["key_mask"] = record.key_mask
         meta = {
             "format": FORMAT, "version": VERSION,
-            "model": getattr(cap.config, "_name_or_path", None) or None,
-            "model_type": getattr(cap.config, "model_type", None), "family": cap.adapter.family,
-            "config_hash": config_hash(cap.model.config), "preset": preset,
+            "model": spec.model_name, "model_type": spec.model_type, "family": spec.family,
+            "config_hash": spec.config_hash, "preset": preset,
             "tokenizer": getattr(tokenizer, "name_or_path", None),
             "versions": {"workbench": __version__, "torch": torch.__version__,
                          "transformers": transformers.__version__, "safetensors": safetensors.__version__},
-            "what": list(cap.what), "layers": cap.layers, "attention_layers": attention_layers,
-            "routing_layers": routed, "heads": cap.heads, "kv_heads": cap.kv_heads, "groups": cap.groups,
-            "num_layers": len(cap.adapter.layer_list(cap.model)), "num_heads": cap.n_heads,
-            "storage_dtype": str(cap.dtype).removeprefix("torch."),
-            "model_dtype": str(cap.model_dtype).removeprefix("torch."),
+            "what": list(spec.what), "layers": spec.layers, "attention_layers": attention_layers,
+            "routing_layers": routed, "heads": spec.heads, "kv_heads": spec.kv_heads, "groups": spec.groups,
+            "num_layers": spec.num_layers, "num_heads": spec.num_heads,
+            "storage_dtype": str(spec.storage_dtype).removeprefix("torch."),
+            "model_dtype": str(spec.model_dtype).removeprefix("torch."),
             "residual_dtype": record.residual_dtype,
             "attention": {str(layer): {k: v for k, v in record.attn[layer].items() if k != "sinks"}
                           for layer in attention_layers},
         }
         if channels is not None and len(channels) != len(ids):
             channels = None
-        return cls(Tokens(ids, strings, channels), meta, tensors, model=cap.model)
+        return cls(Tokens(ids, strings, channels), meta, tensors, model=model)
 
 
-def _get(obj, path: str):
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _short(xs: list[int]) -> str:
-    if xs and xs == list(range(xs[0], xs[-1] + 1)) and len(xs) > 3:
-        return f"{xs[0]}..{xs[-1]}"
-    return str(xs)
-
-
-# ---- the entry point --------------------------------------------------------------------------------
+# ---- inputs -----------------------------------------------------------------------------------------
 def as_token_ids(tokenizer, inputs) -> tuple[list[int], list[str] | None]:
     """Token ids (and channel labels) for a Generation, a raw string, chat messages, or token ids."""
     if hasattr(inputs, "prompt_ids") and hasattr(inputs, "token_ids"):
@@ -438,26 +398,3 @@ def as_token_ids(tokenizer, inputs) -> tuple[list[int], list[str] | None]:
 
         return chat.render(tokenizer, inputs, add_generation_prompt=inputs[-1].get("role") != "assistant"), None
     raise CaptureError(f"trace() takes a Generation, a string, chat messages or token ids, not {type(inputs).__name__}.")
-
-
-def trace(model, tokenizer, adapter: Adapter, inputs, what=None, layers=None, heads=None, budget="2GB",
-          dtype: torch.dtype | None = None, preset: str | None = None) -> Trace:
-    """One forward over `inputs` with capture; returns a Trace.
-
-    what: any of "routing", "attention", "residuals" (default: routing and attention; attention on dense
-    models). dtype: storage for q/k/residuals (default: the model's dtype if 16-bit, else float16;
-    torch.float32 for exact work on a float32 model). budget: '2GB', '500MB', bytes or None.
-    """
-    ids, channels = as_token_ids(tokenizer, inputs)
-    if not ids:
-        raise CaptureError("nothing to trace: the input has no tokens.")
-    device = getattr(model, "device", None) or next(model.parameters()).device
-    cap = capture(model, adapter, what=what, layers=layers, heads=heads, dtype=dtype)
-    if budget is not None:
-        cap.budget = budget
-        check_budget(cap, len(ids))  # before any hook is installed
-        cap.budget = None
-    input_ids = torch.tensor([ids], dtype=torch.int64, device=device)
-    with torch.no_grad(), cap:
-        model(input_ids=input_ids, use_cache=False)
-    return Trace.from_record(cap, cap.records[-1], tokenizer, channels, preset=preset)

@@ -20,9 +20,11 @@ import html
 
 import torch
 
-from workbench.inspect.capture import capture
 from workbench.errors import InterventionError
+from workbench.inspect.routing import routed_forward
 from workbench.intervene.interventions import Intervention
+from workbench.metrics import kl_divergence
+from workbench.model.adapters import input_device
 
 
 @dataclasses.dataclass
@@ -93,9 +95,7 @@ def compare(session, prompt, interventions, *, max_new_tokens: int = 32, tempera
                 stack.enter_context(intervention)
             generations[label] = session.chat(prompt, **kwargs)
             logp, routing = _teacher_forced(session, ids, n)
-        # KL(p || q) = sum p (log p - log q); where p is 0 the term is 0 (also against q = 0).
-        p = base_logp.exp()
-        kl[label] = torch.where(p > 0, p * (base_logp - logp), torch.zeros(())).sum(-1).clamp_min(0.0)
+        kl[label] = kl_divergence(base_logp, logp)
         changed[label] = None if routing is None else torch.stack(
             [(routing[i].sort(-1).values != base_routing[i].sort(-1).values).any(-1) for i in layers])
     return Comparison(labels=["baseline"] + [label for label, _ in variants], prompt_ids=list(baseline.prompt_ids),
@@ -111,6 +111,11 @@ def _variants(interventions) -> list[tuple[str, list[Intervention]]]:
         for x in group:
             if not isinstance(x, Intervention):
                 raise InterventionError(f"compare takes interventions (ablate_experts(s, ...), ...), not {x!r}.")
+        if label == "baseline":
+            if group:  # the name of the unmodified run: a changed run under that name would mislabel both
+                raise InterventionError("'baseline' names the run without interventions, which compare always "
+                                        f"makes: call the variant {group!r} something else.")
+            continue  # the user's own baseline is the built-in one: not run twice, not renamed
         label = label or (" + ".join(map(repr, group)) if group else "no intervention")
         base, i = label, 2
         while label in seen:
@@ -123,15 +128,8 @@ def _variants(interventions) -> list[tuple[str, list[Intervention]]]:
 def _teacher_forced(session, ids: list[int], n: int):
     """log-probabilities [n, vocab] (float32) that predicted the last n tokens, and routing {layer: [T, k]}."""
     model, adapter = session.model, session.adapter
-    device = next(model.parameters()).device
-    x = torch.tensor([ids], device=device)
-    routing = None
-    with torch.no_grad():
-        if adapter.is_moe:
-            with capture(model, adapter, what=["routing"]) as cap:
-                out = model(input_ids=x, use_cache=False, logits_to_keep=n + 1)
-            routing = cap.records[-1].indices
-        else:
-            out = model(input_ids=x, use_cache=False, logits_to_keep=n + 1)
+    x = torch.tensor([ids], device=input_device(model))
+    out, routed = routed_forward(model, adapter, input_ids=x, use_cache=False, logits_to_keep=n + 1)
+    routing = {layer: r.indices.cpu() for layer, r in routed.items()} if adapter.is_moe else None
     logits = out.logits[0, :-1].float()  # position i predicts token i + 1: drop the one after the last
     return logits.log_softmax(-1).cpu(), routing

@@ -31,9 +31,9 @@ module (gpt-oss plain path, Mixtral, Qwen-MoE, OLMoE: `self.router(...)` / `self
 inside transformers' `Mxfp4GptOssMLP.forward`, which computes `F.linear(x, router.weight, router.bias)`
 itself and never calls the router module (router hooks would never fire there). An MLP forward that
 did not go through such an F.linear raises InterventionError instead of silently doing nothing.
-The transforms are also listed on the MLP module (`_workbench_router_transforms`), and the capture
-(workbench/capture.py) applies them when it recomputes routing from the MLP input, so a trace taken
-inside an intervention records the logits, experts and weights the model really used.
+The transforms live in the router-logits primitive (workbench/inspect/routing.py), which the capture
+also reads when it recomputes routing from the MLP input, so a trace taken inside an intervention
+records the logits, experts and weights the model really used.
 
 Heads: a forward pre-hook on the attention's `o_proj` zeroes the input slices
 [h*head_dim, (h+1)*head_dim) of the ablated heads (on a copy: the model's tensors are never written).
@@ -48,92 +48,12 @@ import math
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from workbench.errors import BusyError, InterventionError
-
-_TRANSFORMS = "_workbench_router_transforms"  # attribute of a routed MLP: the active logit transforms
-
-
-# ---- the registry the capture reads ------------------------------------------------------------------
-class LogitTransform:
-    """One change to a layer's router logits: `fn(logits [tokens, experts]) -> logits`, out of place."""
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], blocked: set[int], label: str):
-        self.fn, self.blocked, self.label = fn, frozenset(blocked), label  # blocked: experts set to -inf
-
-    def __repr__(self) -> str:
-        return f"LogitTransform({self.label})"
-
-
-def router_transforms(mlp: nn.Module) -> list[LogitTransform]:
-    """The routing transforms active on a routed MLP, outermost first (empty outside interventions)."""
-    return list(mlp.__dict__.get(_TRANSFORMS, ()))
-
-
-def transform_router_logits(mlp: nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    """Router logits as the active interventions change them (the same tensor when there are none)."""
-    for t in mlp.__dict__.get(_TRANSFORMS, ()):
-        logits = t.fn(logits)
-    return logits
-
-
-class _RouterLogits(TorchFunctionMode):
-    """While an MLP runs: apply its transforms to the result of F.linear(x, router.weight, ...)."""
-
-    def __init__(self, mlp: nn.Module, router: nn.Module):
-        super().__init__()
-        self.mlp, self.router, self.applied = mlp, router, 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func is F.linear:
-            weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            if weight is getattr(self.router, "weight", None):  # looked up now: offloading may swap it
-                out = transform_router_logits(self.mlp, out)
-                self.applied += 1
-        return out
-
-
-_MISSING = object()
-
-
-def _add_transform(mlp: nn.Module, router: nn.Module, transform: LogitTransform) -> Callable[[], None]:
-    """Register `transform` on `mlp` (wrapping its forward on the first one); returns the undo."""
-    if _TRANSFORMS not in mlp.__dict__:
-        inner = mlp.forward  # the bound method, or an instance attribute someone else set (accelerate)
-        previous = mlp.__dict__.get("forward", _MISSING)
-
-        def forward(*args, **kwargs):
-            mode = _RouterLogits(mlp, router)
-            with mode:
-                out = inner(*args, **kwargs)
-            if not mode.applied:
-                raise InterventionError(
-                    f"{type(mlp).__name__}.forward did not compute router logits with F.linear on the router's "
-                    "weight, so the routing intervention could not be applied (this MLP class is not supported).")
-            return out
-
-        mlp.__dict__[_TRANSFORMS] = []
-        mlp.__dict__["forward"] = forward
-        mlp.__dict__["_workbench_previous_forward"] = previous
-    mlp.__dict__[_TRANSFORMS].append(transform)
-
-    def undo() -> None:
-        transforms = mlp.__dict__.get(_TRANSFORMS, [])
-        if transform in transforms:
-            transforms.remove(transform)
-        if not transforms and _TRANSFORMS in mlp.__dict__:
-            previous = mlp.__dict__.pop("_workbench_previous_forward")
-            del mlp.__dict__[_TRANSFORMS]
-            if previous is _MISSING:
-                mlp.__dict__.pop("forward", None)
-            else:
-                mlp.__dict__["forward"] = previous
-    return undo
+from workbench.indices import format_indices, resolve_index
+from workbench.inspect.routing import LogitTransform, add_router_transform, router_transforms
+from workbench.model.adapters import text_config
 
 
 # ---- the base class ------------------------------------------------------------------------------------
@@ -150,7 +70,7 @@ class Intervention:
     def __init__(self, session, spec):
         self.session, self.model, self.adapter = session, session.model, session.adapter
         model_config = self.model.config
-        self.config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        self.config = text_config(model_config)
         self.n_layers = len(self.adapter.layer_list(self.model))
         self.spec = self._check(spec)
         self._undo: list | None = None
@@ -168,8 +88,7 @@ class Intervention:
     def __enter__(self) -> "Intervention":
         if self._undo is not None:
             raise InterventionError(f"{self!r} is already active: create a second one to apply it twice.")
-        lock = getattr(self.session, "_busy", None)
-        if lock is not None and lock.locked():
+        if getattr(self.session, "busy", False):
             raise BusyError("a generation is running on this session: stop it or wait before intervening")
         self._undo = []
         try:
@@ -181,7 +100,9 @@ class Intervention:
 
     def __exit__(self, *exc) -> bool:
         try:
-            _wait_idle(self.session)
+            wait = getattr(self.session, "wait_idle", None)
+            if wait is not None:
+                wait()
         finally:
             self._unwind()
         return False
@@ -208,30 +129,13 @@ class Intervention:
         return spec
 
     def _layer(self, layer) -> int:
-        if not _is_int(layer) or not 0 <= layer < self.n_layers:
-            raise InterventionError(f"layer {layer!r} out of range: this model has layers 0..{self.n_layers - 1}.")
-        return int(layer)
+        """A model layer; negative counts from the last layer, as everywhere in the workbench."""
+        return resolve_index(layer, range(self.n_layers), "layer", "this model", InterventionError,
+                             count=self.n_layers)
 
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _span(xs: list[int]) -> str:
-    """[0, 1, 2, 3] -> '0..3'; [0, 2] -> '0, 2'."""
-    if len(xs) > 2 and xs == list(range(xs[0], xs[-1] + 1)):
-        return f"{xs[0]}..{xs[-1]}"
-    return ", ".join(map(str, xs))
-
-
-def _wait_idle(session) -> None:
-    """Wait until no generation runs on the session (polling, so Ctrl-C still works)."""
-    lock = getattr(session, "_busy", None)
-    if lock is None:
-        return
-    while not lock.acquire(timeout=0.1):
-        pass
-    lock.release()
 
 
 # ---- routing ---------------------------------------------------------------------------------------------
@@ -245,19 +149,17 @@ class _RoutingIntervention(Intervention):
         self.n_experts, self.k = self.adapter.num_experts(self.config), self.adapter.top_k(self.config)
 
     def _layer(self, layer) -> int:
-        if _is_int(layer) and layer in self.routed:
-            return int(layer)
-        if _is_int(layer) and 0 <= layer < self.n_layers:
+        layer = resolve_index(layer, range(self.n_layers), "layer", "this model", InterventionError,
+                              count=self.n_layers, hint=f" (MoE layers {format_indices(self.routed)})")
+        if layer not in self.routed:
             raise InterventionError(f"layer {layer} has a dense MLP (no router): this model's routed (MoE) layers "
-                                    f"are {_span(self.routed)}.")
-        raise InterventionError(f"layer {layer!r} out of range: this model has MoE layers {_span(self.routed)}.")
+                                    f"are {format_indices(self.routed)}.")
+        return layer
 
     def _expert(self, layer: int, expert) -> int:
         n = self.adapter.num_experts(self.config)
-        if not _is_int(expert) or not 0 <= expert < n:
-            raise InterventionError(f"expert {expert!r} (layer {layer}) out of range: this model has experts "
-                                    f"0..{n - 1}.")
-        return int(expert)
+        return resolve_index(expert, range(n), "expert", "this model", InterventionError, count=n,
+                             context=f" (layer {layer})")
 
     def _experts(self, layer: int, experts) -> list[int]:
         """One expert or several, checked, sorted and de-duplicated."""
@@ -276,7 +178,7 @@ class _RoutingIntervention(Intervention):
                 raise InterventionError(
                     f"{self!r} leaves {self.n_experts - len(blocked)} expert(s) at layer {layer} (with the other "
                     f"active interventions), fewer than the {self.k} the model chooses per token.")
-            self._undo.append(_add_transform(mlp, getattr(mlp, self.adapter.router), transform))
+            self._undo.append(add_router_transform(mlp, getattr(mlp, self.adapter.router), transform))
 
 
 def _blocking(experts: list[int], n: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -380,11 +282,8 @@ class ablate_heads(Intervention):
         for layer, heads in self._spec_dict(spec).items():
             layer = self._layer(layer)
             heads = [heads] if _is_int(heads) else list(heads)
-            for h in heads:
-                if not _is_int(h) or not 0 <= h < n_heads:
-                    raise InterventionError(f"head {h!r} (layer {layer}) out of range: this model has heads "
-                                            f"0..{n_heads - 1}.")
-            out[layer] = sorted(set(heads))
+            out[layer] = sorted({resolve_index(h, range(n_heads), "head", "this model", InterventionError,
+                                               count=n_heads, context=f" (layer {layer})") for h in heads})
         return out
 
     def _install(self) -> None:

@@ -22,6 +22,7 @@ class Adapter:
     family: str  # a readable name: "gpt-oss", "mixtral", ...
     model_types: tuple[str, ...]  # config.model_type values this row covers
     layers: str = "model.layers"  # attribute path from the CausalLM to the decoder layer list
+    final_norm: str = "model.norm"  # attribute path to the norm applied before lm_head (the logit lens uses it)
     attention: str = "self_attn"  # attribute of a layer
     mlp: str = "mlp"  # attribute of a layer
     router: str | None = None  # attribute of the MLP holding the router weight (None: dense)
@@ -77,6 +78,9 @@ class Adapter:
     def layer_list(self, model: nn.Module) -> nn.ModuleList:
         return _get_attr(model, self.layers)
 
+    def final_norm_module(self, model: nn.Module) -> nn.Module:
+        return _get_attr(model, self.final_norm)
+
     def attention_module(self, model: nn.Module, layer: int) -> nn.Module:
         return getattr(self.layer_list(model)[layer], self.attention)
 
@@ -119,6 +123,20 @@ class Adapter:
         else:
             raise AdapterError(f"{self.family} is not a routed (MoE) architecture: it has no routing to compute")
         return indices, weights
+
+
+def text_config(config: Any) -> Any:
+    """The decoder's config: a multimodal config's text part, else the config itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids must go: the input embeddings' device (accelerate may spread the rest)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    return next(p.device for p in model.parameters() if p.device.type != "meta")
 
 
 def _get_attr(obj: Any, path: str) -> Any:

@@ -1,6 +1,10 @@
-"""`load(model, preset)`: turn a preset row into `from_pretrained` arguments, load, and report honestly."""
+"""`load_model(model, preset)`: turn a preset row into `from_pretrained` arguments, load, and report honestly.
+
+The session facade (`workbench.load`) wraps the result in a Session; this layer knows nothing above it.
+"""
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from typing import Any
@@ -11,10 +15,21 @@ from workbench.model import hardware, memory, planning, sources
 from workbench.model.adapters import adapter_for
 from workbench.model.presets import Preset, get_preset
 from workbench.model.report import LoadReport, WarningCollector, actual_quantization, measure
-from workbench.session import Session
 
 
-def load(
+@dataclasses.dataclass
+class LoadedModel:
+    """What loading produced: the model and tokenizer, its adapter, the report and the plan it was checked against."""
+
+    model: Any
+    tokenizer: Any
+    adapter: Any
+    report: LoadReport
+    plan: Any
+    source: Any
+
+
+def load_model(
     model: Any,
     preset: str = "auto",
     *,
@@ -24,8 +39,8 @@ def load(
     trust_remote_code: bool = False,
     context_tokens: int = 4096,
     quantize_router: bool = False,
-) -> Session:
-    """Load a causal LM (hub id, local folder or .gguf file) with a named preset; returns a Session.
+) -> LoadedModel:
+    """Load a causal LM (hub id, local folder or .gguf file) with a named preset.
 
     Checks the preset and the memory plan before any weight is read, so an impossible request fails
     fast with a message that says what would work. Under int8/nf4, routers and gates stay unquantized
@@ -79,8 +94,8 @@ def load(
         notes=notes,
         transformers_warnings=warnings.messages,
     )
-    return Session(model=loaded, tokenizer=tokenizer, adapter=adapter, report=report, plan=memory_plan,
-                   source=source)
+    return LoadedModel(model=loaded, tokenizer=tokenizer, adapter=adapter, report=report, plan=memory_plan,
+                       source=source)
 
 
 def _from_pretrained_kwargs(row: Preset, source: "sources.Source", offload_folder: str | None,
@@ -137,27 +152,3 @@ def _fallback(requested: str | None, actual: str | None, warnings: list[str]) ->
             (w for w in warnings if "dequantiz" in w.lower()), "transformers dequantized the experts")
         return f"mxfp4 -> bf16: experts were dequantized to bf16 (about 3x the memory). Cause: {reason}"
     return f"{requested} was requested but the loaded modules carry {actual or 'no quantization'}"
-
-
-GPT_OSS_20B = "openai/gpt-oss-20b"
-
-
-def default_model(purpose: str = "chat") -> str:
-    """The model a notebook should use here: gpt-oss-20b on a GPU that fits it, else an offline small model.
-
-    purpose "chat" / "attention": the real SmolLM2-135M-Instruct; "routing": the tiny gpt-oss checkpoint
-    (random weights: it shows the mechanics of routing, not what a trained router does).
-    """
-    if hardware.gpus():
-        try:
-            sources.resolve(GPT_OSS_20B)  # cached, or the hub is reachable
-            preset, _ = planning.choose_auto(GPT_OSS_20B)
-            if preset in ("mxfp4", "bf16"):
-                return GPT_OSS_20B
-        except Exception:  # no weights reachable or no fit: fall back to the offline models
-            pass
-    from workbench.fixtures import checkpoints as testing
-
-    if purpose == "routing":
-        return str(testing.tiny_checkpoint("gpt_oss"))
-    return str(testing.smollm2_path())

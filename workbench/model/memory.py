@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from workbench.model.adapters import adapter_for
+from workbench.model.adapters import adapter_for, text_config
 from workbench.model.presets import BYTES_PER_QUANTIZED_VALUE, Preset
 
 # ---- the skeleton: parameters, their groups, and what each quantizer could touch ------------------
@@ -120,7 +120,7 @@ def param_bytes(p: Param, preset: Preset, quantize_router: bool = False) -> tupl
 
 # ---- KV cache and activations ------------------------------------------------------------
 def _text_config(config: Any) -> Any:
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+    return text_config(config)
 
 
 def layer_windows(config: Any) -> list[int | None]:

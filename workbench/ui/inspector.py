@@ -55,10 +55,10 @@ def attention_figure(trace, query: int, layer: int, head) -> go.Figure:
     """Bar chart of the attention of position `query` over positions 0..query (one head, or the mean)."""
     if head == MEAN:  # one head at a time: all heads' full patterns at once can be gigabytes
         row = sum(trace.attention(layer, h)[query, :query + 1] for h in trace.heads) / len(trace.heads)
-        sink = trace.sink_mass[trace.layers.index(layer), :, query].mean().item()
+        sink = trace.sink_mass_at(layer)[:, query].mean().item()
     else:
         row = trace.attention(layer, head)[query, :query + 1]
-        sink = trace.sink_mass[trace.layers.index(layer), trace.heads.index(head), query].item()
+        sink = trace.sink_mass_at(layer, head)[query].item()
     labels = [f"{j}: {visible(s, 16)}" for j, s in enumerate(trace.tokens.strings[:query + 1])]
     fig = go.Figure(go.Bar(x=list(range(query + 1)), y=row.tolist(), customdata=labels,
                            hovertemplate="%{customdata}<br>%{y:.4f}<extra></extra>", marker_color="#4a7fb5"))
@@ -228,10 +228,10 @@ class TokenInspector(widgets.VBox):
             self._traced = None if isinstance(e, BusyError) else g  # busy: try again on the next click
             self.trace_error = f"{type(e).__name__}: {e}"
         t = self.trace
-        if t is not None and t.layers:
+        if t is not None and t.attention_layers:
             self._quiet = True
             try:
-                self.layer.options, self.layer.value = t.layers, t.layers[-1]
+                self.layer.options, self.layer.value = t.attention_layers, t.attention_layers[-1]
                 # the mean costs one full pattern per head: default to it only while that stays cheap
                 cheap = len(t.heads) * len(t.tokens) ** 2 <= 2**26
                 self.head.options, self.head.value = [MEAN, *t.heads], MEAN if cheap else t.heads[0]
@@ -251,7 +251,7 @@ class TokenInspector(widgets.VBox):
 
     def _draw_attention(self) -> None:
         t = self.trace
-        if t is None or self.selected is None or not t.layers or self.layer.value is None:
+        if t is None or self.selected is None or not t.attention_layers or self.layer.value is None:
             self.attention_fig = None
         else:
             self.attention_fig = attention_figure(t, self._query(), self.layer.value, self.head.value)

@@ -2,13 +2,13 @@
 traces, the colour scales, and the title/subtitle layout."""
 from __future__ import annotations
 
-import operator
-
 import plotly.graph_objects as go
-import torch
 
+from workbench.errors import ViewError
+from workbench.indices import format_indices, resolve_index
 from workbench.model.adapters import ADAPTERS
-from workbench.errors import CaptureError
+
+CaptureError = ViewError  # views raise ViewError (a CaptureError: what the trace holds does not allow it)
 
 # One colour language across views: probabilities and weights in blue on a fixed 0..1 range (so two
 # figures can be compared by eye), entropies in viridis from 0 bits, counts in blue from 0.
@@ -20,59 +20,31 @@ MAX_TOKENS = 256  # token axes longer than this are windowed (last MAX_TOKENS by
 
 
 def span(xs: list[int]) -> str:
-    """[0, 1, 2, 3] -> '0..3'; anything else as a list."""
-    if len(xs) > 2 and xs == list(range(xs[0], xs[-1] + 1)):
-        return f"{xs[0]}..{xs[-1]}"
-    return str(list(xs))
+    """[0, 1, 2, 3] -> '0..3'; [0, 2] -> '0, 2'."""
+    return format_indices(xs)
 
 
-def pick(value, valid: list[int], what: str, where: str, hint: str = "") -> int:
-    """`value` if it is one of `valid` (negative values count from the end), else a CaptureError naming them."""
-    try:
-        value = operator.index(value)  # ints, numpy ints (from widgets); not floats or strings
-    except TypeError:
-        raise CaptureError(f"{what} must be an integer, not {value!r}: {where} has {what}s {span(valid)}.") from None
-    if value < 0 and valid and -len(valid) <= value:
-        value = valid[value]
-    if value not in valid:
-        raise CaptureError(f"{what} {value} is out of range: {where} has {what}s {span(valid)}{hint}.")
-    return value
+def pick(value, valid: list[int], what: str, where: str, hint: str = "", count: int | None = None) -> int:
+    """`value` if it is one of `valid` (negative values count from `count`, the model's total), else a
+    ViewError naming them."""
+    return resolve_index(value, valid, what, where, ViewError, hint, count=count)
 
 
 def need_attention(t) -> None:
-    if "attention" not in t.meta["what"] or not t.layers:
-        raise CaptureError("this trace has no attention: trace with what=['attention'] (plus anything else).")
+    if "attention" not in t.meta["what"] or not t.attention_layers:
+        raise ViewError("this trace has no attention: trace with what=['attention'] (plus anything else).")
 
 
 def attention_layer(t, layer) -> int:
     need_attention(t)
     n = t.meta["num_layers"]
-    hint = f" (the model has layers 0..{n - 1}: trace with layers=[...] to capture others)" if len(t.layers) < n else ""
-    return pick(layer, t.layers, "layer", "this trace's attention", hint)
+    layers = t.attention_layers
+    hint = f" (the model has layers 0..{n - 1}: trace with layers=[...] to capture others)" if len(layers) < n else ""
+    return pick(layer, layers, "layer", "this trace's attention", hint, count=n)
 
 
 def attention_head(t, head) -> int:
-    return pick(head, t.heads, "head", "this trace's attention")
-
-
-def has_sinks(t, layer: int) -> bool:
-    """Whether `layer` has learned attention sinks (gpt-oss): the trace keeps their logits beside q and k."""
-    return f"sinks.{layer}" in t._t
-
-
-def head_sink_mass(t, layer: int, head: int):
-    """[tokens] sink mass of one head; the same numbers as t.sink_mass[layer, head] without computing every
-    head of every layer first (t.sink_mass does that, and caches it)."""
-    if t._sink_mass is not None:
-        return t._sink_mass[t.layers.index(layer), t.heads.index(head)]
-    return torch.cat([sink[0] for *_, sink in t._blocks(layer, [head])])
-
-
-def attention_blocks(t, layer: int):
-    """Yield (query start, probs [heads, queries, keys], sink [heads, queries] or None) for every head of
-    `layer`, one block of queries at a time: memory stays one block, even for 2,000 tokens x 64 heads."""
-    for a, _, _, probs, sink in t._blocks(layer, t.heads):
-        yield a, probs, sink
+    return pick(head, t.heads, "head", "this trace's attention", count=t.meta["num_heads"])
 
 
 def routing(t):
@@ -81,16 +53,17 @@ def routing(t):
         return t.routing
     name = t.meta.get("model") or "this model"
     if any(a.family == t.meta.get("family") and not a.is_moe for a in ADAPTERS):
-        raise CaptureError(f"this trace has no routing: {name} is a dense model (no experts to route to). "
+        raise ViewError(f"this trace has no routing: {name} is a dense model (no experts to route to). "
                            f"Routing views need a mixture-of-experts model traced with what=['routing'].")
-    raise CaptureError("this trace has no routing: routing was not captured; trace with what=['routing'] "
+    raise ViewError("this trace has no routing: routing was not captured; trace with what=['routing'] "
                        "(plus anything else).")
 
 
 def routing_layer(t, layer) -> int:
     """A model layer index that has routing, as the row into t.routing tensors."""
     r = routing(t)
-    return r.layers.index(pick(layer, r.layers, "layer", "this trace's routing (MoE layers)"))
+    return r.layers.index(pick(layer, r.layers, "layer", "this trace's routing (MoE layers)",
+                               count=t.meta["num_layers"]))
 
 
 def num_experts(t) -> int:
@@ -107,16 +80,16 @@ def window(n: int, window=None, default: int = MAX_TOKENS, unit: str = "tokens")
         start, stop = max(0, n - default), n
     elif isinstance(window, int) and not isinstance(window, bool):
         if window < 1:
-            raise CaptureError(f"window={window}: give a positive number of {unit} (or a (start, stop) pair).")
+            raise ViewError(f"window={window}: give a positive number of {unit} (or a (start, stop) pair).")
         start, stop = max(0, n - window), n
     else:
         try:
             start, stop = (int(v) for v in window)
         except (TypeError, ValueError):
-            raise CaptureError(f"window={window!r}: give a number of {unit} or a (start, stop) pair.") from None
+            raise ViewError(f"window={window!r}: give a number of {unit} or a (start, stop) pair.") from None
         start, stop, _ = slice(start, stop).indices(n)
         if stop <= start:
-            raise CaptureError(f"window={window!r} selects no {unit}: this trace has {unit} 0..{n - 1}.")
+            raise ViewError(f"window={window!r} selects no {unit}: this trace has {unit} 0..{n - 1}.")
     note = "" if (start, stop) == (0, n) else f"showing {unit} {start}–{stop - 1} of {n}"
     return start, stop, note
 

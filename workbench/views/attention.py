@@ -49,10 +49,10 @@ def attention_heatmap(t, layer: int, head: int, *, window=None) -> go.Figure:
     if start > 0:  # everything left of the window, summed, so rows keep adding up to 1
         x = [f"≺ earlier (0–{start - 1})"] + x
         columns.insert(0, probs[:, :start].sum(dim=1, keepdim=True))
-    sinks = c.has_sinks(t, layer)
+    sinks = t.has_sinks(layer)
     if sinks:
         x = x + [SINK]
-        columns.append(c.head_sink_mass(t, layer, head)[start:stop, None])
+        columns.append(t.sink_mass_at(layer, head)[start:stop, None])
     z = torch.cat(columns, dim=1).numpy()  # numpy: plotly sends it as compact binary, not JSON text
 
     fig = go.Figure(go.Heatmap(

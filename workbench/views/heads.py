@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from workbench.metrics import entropy_bits
 from workbench.views import _common as c
 from workbench.views.labels import token_labels
 
@@ -18,7 +19,7 @@ METRICS = ("sink_mass", "entropy")
 
 def _layer_labels(t) -> list[str]:
     out = []
-    for layer in t.layers:
+    for layer in t.attention_layers:
         w = t.meta["attention"][str(layer)]["window"]
         out.append(f"layer {layer} · " + (f"sliding {w}" if w is not None else "full"))
     return out
@@ -26,7 +27,7 @@ def _layer_labels(t) -> list[str]:
 
 def _need_sinks(t) -> None:
     c.need_attention(t)
-    if not any(c.has_sinks(t, layer) for layer in t.layers):
+    if not any(t.has_sinks(layer) for layer in t.attention_layers):
         raise c.CaptureError(f"this trace has no attention sinks: sink mass is 0 everywhere. Sinks are learned "
                              f"per-head logits of gpt-oss; {t.meta.get('family')!r} models have none "
                              f"(try head_grid(t, metric='entropy')).")
@@ -35,14 +36,14 @@ def _need_sinks(t) -> None:
 def attention_entropy(t) -> torch.Tensor:
     """[layers, heads] mean over queries of each query's attention entropy in bits (the sink counts as one
     more place the probability can go)."""
-    out = torch.zeros(len(t.layers), len(t.heads))
-    for row, layer in enumerate(t.layers):
-        for _, probs, sink in c.attention_blocks(t, layer):
-            h = -torch.special.xlogy(probs, probs).sum(-1)  # xlogy: 0 log 0 = 0 for masked keys
+    out = torch.zeros(len(t.attention_layers), len(t.heads))
+    for row, layer in enumerate(t.attention_layers):
+        for _, _, probs, sink in t.attention_blocks(layer):
+            h = entropy_bits(probs)  # 0 log 0 = 0 for masked keys
             if sink is not None:
-                h = h - torch.special.xlogy(sink, sink)
+                h = h + entropy_bits(sink.unsqueeze(-1))
             out[row] += h.sum(-1)
-    return out / len(t.tokens) / torch.log(torch.tensor(2.0))
+    return out / len(t.tokens)
 
 
 def head_grid(t, metric: str = "sink_mass") -> go.Figure:
@@ -82,7 +83,7 @@ def sink_mass(t) -> go.Figure:
                              hovertemplate="%{y} · %{x}<br>mean sink mass = %{z:.3f}<extra></extra>"),
                   row=1, col=1)
     labels = token_labels(t)
-    for row, layer in enumerate(t.layers):
+    for row, layer in enumerate(t.attention_layers):
         sliding = t.meta["attention"][str(layer)]["window"] is not None
         fig.add_trace(go.Scatter(x=list(range(len(t.tokens))), y=mass[row].mean(0).numpy(), name=y[row],
                                  mode="lines", line=dict(width=1.5, dash="dot" if sliding else "solid"),

@@ -14,28 +14,11 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
+from workbench.errors import ViewError
 from workbench.views import _common as c
 from workbench.views.labels import token_labels, visible
-from workbench.model.adapters import adapter_for
-from workbench.errors import CaptureError
-from workbench.inspect.trace import LogitLens
 
 MAX_LENS_TOKENS = 64
-
-
-def lens(t, layer: int, k: int, model, tokenizer, positions: range) -> LogitLens:
-    """t.logit_lens(layer, k) restricted to `positions`, computed for those positions only (the unembedding
-    of a whole long trace is tokens x vocab floats per layer: 1.6 GB for 2,000 gpt-oss tokens). Same steps
-    as Trace.lens_logits: final norm, then the output embedding."""
-    model = t._need_model(model)
-    norm = model.get_submodule(adapter_for(model.config)[0].layers.rsplit(".", 1)[0]).norm
-    head = model.get_output_embeddings()
-    x = t.residual(layer)[positions.start:positions.stop]
-    with torch.no_grad():
-        logits = head(norm(x.to(head.weight.device, getattr(torch, t.meta["residual_dtype"])))).float().cpu()
-    top = torch.softmax(logits, dim=-1).topk(k, dim=-1)
-    decode = (lambda i: tokenizer.decode([i])) if tokenizer is not None else str
-    return LogitLens(top.indices, top.values, [[decode(int(i)) for i in row] for row in top.indices])
 
 
 def logit_lens_grid(t, model=None, tokenizer=None, layers=None, k: int = 1, *, window=None) -> go.Figure:
@@ -46,19 +29,19 @@ def logit_lens_grid(t, model=None, tokenizer=None, layers=None, k: int = 1, *, w
     last 64), an int n (the last n) or (start, stop).
     """
     if "residuals" not in t.meta["what"]:
-        raise CaptureError("this trace has no residuals, which the logit lens reads: trace with "
+        raise ViewError("this trace has no residuals, which the logit lens reads: trace with "
                            "what=['residuals'] (plus anything else).")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise CaptureError(f"k={k!r}: give how many guesses to list per cell (1 or more).")
+        raise ViewError(f"k={k!r}: give how many guesses to list per cell (1 or more).")
     captured = t.meta["layers"]
-    layers = captured if layers is None else [c.pick(layer, captured, "layer", "this trace's residuals")
+    layers = captured if layers is None else [c.pick(layer, captured, "layer", "this trace's residuals", count=t.meta["num_layers"])
                                               for layer in ([layers] if isinstance(layers, int) else layers)]
     start, stop, note = c.window(len(t.tokens), window, default=MAX_LENS_TOKENS)
     positions = range(start, stop)
     x = token_labels(t, positions)
     z, text, hover = [], [], []
     for layer in layers:
-        got = lens(t, layer, k, model, tokenizer, positions)
+        got = t.logit_lens(layer, k, model, tokenizer, positions=positions)
         z.append(got.probs[:, 0].numpy())
         text.append([visible(s[0], 10) for s in got.strings])
         hover.append([_hover(t, p, got.strings[i], got.probs[i]) for i, p in enumerate(positions)])

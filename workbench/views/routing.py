@@ -14,6 +14,7 @@ import math
 import plotly.graph_objects as go
 import torch
 
+from workbench.metrics import entropy_bits_from_logits
 from workbench.views import _common as c
 from workbench.views.labels import token_labels
 
@@ -35,8 +36,7 @@ def expert_counts(t) -> torch.Tensor:
 
 def router_entropy(t) -> torch.Tensor:
     """[routed layers, tokens] float32: entropy in bits of softmax(router logits) over all experts."""
-    logp = torch.log_softmax(c.routing(t).logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1) / math.log(2)
+    return entropy_bits_from_logits(c.routing(t).logits)
 
 
 # ---- the figures ----------------------------------------------------------------------------------------------
