@@ -27,10 +27,10 @@ import torch
 import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from workbench.chat import harmony as chat
-from workbench.chat import generation
 from results_file import RESULTS, record  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
+from workbench.chat import generation
+from workbench.chat import harmony as chat
 
 
 def load_smollm2():

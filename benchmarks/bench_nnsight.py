@@ -48,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import time
+
 from results_file import record  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -82,8 +83,8 @@ def setup(threads: int, tokens: int, eager: bool, sdpa: bool) -> dict:
     import transformers
 
     sys.path.insert(0, str(ROOT))
-    from workbench.model.adapters import adapter_for
     from workbench.fixtures.checkpoints import smollm2_path
+    from workbench.model.adapters import adapter_for
 
     torch.set_num_threads(threads)
     folder = smollm2_path()

@@ -27,11 +27,17 @@ import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import workbench as wb  # noqa: E402
 from bench_tracing import interleaved  # noqa: E402
-from workbench.analysis.routing_stats import forward_kwargs, pad_right, routing_stats, token_ids  # noqa: E402
-from workbench.fixtures.tokenizer import build_tokenizer  # noqa: E402
 from results_file import record  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+import workbench as wb  # noqa: E402
+from workbench.analysis.routing_stats import (  # noqa: E402
+    forward_kwargs,
+    pad_right,
+    routing_stats,
+    token_ids,
+)
+from workbench.fixtures.tokenizer import build_tokenizer  # noqa: E402
 
 WORDS = "the cat sat on a mat while seven tired dogs barked at noon under grey skies and slept".split()
 

@@ -27,11 +27,11 @@ import torch
 import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from workbench.model.adapters import adapter_for  # noqa: E402
-from workbench.inspect.budget import trace_bytes  # noqa: E402
-from workbench.inspect.capture import trace  # noqa: E402
 from results_file import record  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
+from workbench.inspect.budget import trace_bytes  # noqa: E402
+from workbench.inspect.capture import trace  # noqa: E402
+from workbench.model.adapters import adapter_for  # noqa: E402
 
 
 def timed(fn) -> tuple[float, float]:

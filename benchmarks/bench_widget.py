@@ -28,11 +28,12 @@ import torch
 import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from results_file import RESULTS, record  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 import workbench as wb
 from workbench.chat import harmony as chat
 from workbench.fixtures.checkpoints import smollm2_path
 from workbench.ui.widget import GenerationWidget, widget
-from results_file import RESULTS, record  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 PROMPT = "Write a long story about a cat."
 

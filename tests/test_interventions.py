@@ -12,11 +12,17 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import workbench as wb
 from workbench import fixtures
-from workbench.model.adapters import LLAMA_LIKE
-from workbench.intervene.compare import compare
 from workbench.errors import BusyError, InterventionError, WorkbenchError
-from workbench.intervene.interventions import (ablate_experts, ablate_heads, force_experts, router_transforms, scale_sinks,
-                                     steer_experts)
+from workbench.intervene.compare import compare
+from workbench.intervene.interventions import (
+    ablate_experts,
+    ablate_heads,
+    force_experts,
+    router_transforms,
+    scale_sinks,
+    steer_experts,
+)
+from workbench.model.adapters import LLAMA_LIKE
 
 FAMILIES = list(fixtures.FAMILIES)  # gpt_oss, mixtral, qwen2_moe, qwen3_moe, olmoe
 _sessions: dict = {}

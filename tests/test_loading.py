@@ -174,9 +174,9 @@ def test_native_mxfp4_modules_are_recognised_and_counted():
     """On a GPU, transformers swaps the packed Parameters for triton tensors: the report must still see them."""
     from types import SimpleNamespace
 
+    from workbench.fixtures.checkpoints import tiny_config
     from workbench.model.adapters import adapter_for
     from workbench.model.report import actual_quantization, measure
-    from workbench.fixtures.checkpoints import tiny_config
 
     class Mxfp4GptOssExperts(torch.nn.Module):  # the shape of transformers' module after swizzling
         def __init__(self):

@@ -10,9 +10,7 @@ import json
 import pytest
 
 from workbench import errors
-from workbench.model import hardware
-from workbench.model import planning
-from workbench.model import sources
+from workbench.model import hardware, planning, sources
 
 GB = 10**9
 GPT_OSS = "openai/gpt-oss-20b"
@@ -265,7 +263,12 @@ def test_bnb_plan_matches_what_transformers_really_loads(tmp_path, preset):
     """A tiny gpt-oss loaded through bitsandbytes: the same modules are converted and the bytes agree."""
     pytest.importorskip("bitsandbytes")
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GptOssConfig, GptOssForCausalLM
+    from transformers import (
+        AutoModelForCausalLM,
+        BitsAndBytesConfig,
+        GptOssConfig,
+        GptOssForCausalLM,
+    )
 
     config = GptOssConfig(num_hidden_layers=2, num_local_experts=4, hidden_size=64, intermediate_size=64, head_dim=16,
                           num_attention_heads=4, num_key_value_heads=2, vocab_size=256,

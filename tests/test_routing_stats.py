@@ -11,8 +11,13 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.analysis.routing_stats import (RoutingStats, RoutingStatsError, RoutingStatsMismatchError,
-                                     merge_routing_stats, routing_stats)
+from workbench.analysis.routing_stats import (
+    RoutingStats,
+    RoutingStatsError,
+    RoutingStatsMismatchError,
+    merge_routing_stats,
+    routing_stats,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "the cat sat on a mat while seven tired dogs barked at noon under grey skies".split()
@@ -193,6 +198,7 @@ def test_merge_of_halves_equals_one_run(session, tmp_path):
         merge_routing_stats([a, other])
 
 
+@pytest.mark.slow  # starts Python subprocesses (accelerate launch / a fresh interpreter)
 def test_accelerate_launch_two_processes_then_merge(session, tiny_checkpoint, tmp_path):
     """The docs/scaling.md recipe: two processes through `accelerate launch --multi_gpu` (torchrun; on a machine
     without CUDA, PartialState(cpu=True) makes them a gloo group: `--cpu` alone would start ONE process)."""
@@ -244,6 +250,7 @@ print(st.texts, (after - before) * 1024)
 """
 
 
+@pytest.mark.slow  # starts Python subprocesses (accelerate launch / a fresh interpreter)
 def test_memory_flat_when_the_corpus_grows_tenfold(tiny_checkpoint):
     """Peak RSS growth during the call, 30 vs 300 texts (~3.5k vs ~37k tokens), each in a fresh process.
 

@@ -59,6 +59,23 @@ def test_session_interventions_and_compare(tiny_checkpoint):
         inside = s.trace("the cat sat on the mat")
     assert not (inside.routing.indices[0] == banned).any()
     assert torch.equal(s.trace("the cat sat on the mat").routing.indices, before.routing.indices)  # undone
+    r = s.compare("the cat", interventions={"nothing": [], "ablated": [s.ablate_experts({0: [banned]})]},
+                  max_new_tokens=4)
+    assert r.labels == ["baseline", "nothing", "ablated"]
+    # a variant that changes nothing is measured, not assumed: its KL is computed and exactly 0, routing unchanged
+    assert len(r.kl["nothing"]) == 4 and float(r.kl["nothing"].max()) == 0.0
+    assert not r.routing_changed["nothing"].any()
+    # the ablated expert was the first choice of the first token: routing there must have changed
+    assert r.routing_changed["ablated"][0].any() and float(r.kl["ablated"].max()) > 0.0
+    # the README names a variant "baseline": it is the built-in run, never a renamed copy
     r = s.compare("the cat", interventions={"baseline": [], "ablated": [s.ablate_experts({0: [banned]})]},
                   max_new_tokens=4)
-    assert r.kl["baseline"] is not None and float(max(r.kl["baseline"])) == 0.0
+    assert r.labels == ["baseline", "ablated"]
+    with pytest.raises(wb.InterventionError, match="'baseline' names the run without interventions"):
+        s.compare("the cat", interventions={"baseline": [s.ablate_experts({0: [banned]})]}, max_new_tokens=4)
+
+
+def test_stop_tokens_empty_writes_exactly_max_new_tokens(tiny_checkpoint):
+    s = wb.load(str(tiny_checkpoint("gpt_oss")), preset="cpu")
+    g = s.chat("hi", temperature=0, max_new_tokens=9, stop_tokens=[])
+    assert len(g.token_ids) == 9 and g.finish_reason == "length"

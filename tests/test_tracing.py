@@ -6,19 +6,39 @@ import json
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GptOssConfig, GptOssForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM,
-                          Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GptOssConfig,
+    GptOssForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
 from workbench import fixtures
-from workbench.model.adapters import adapter_for
-from workbench.errors import CaptureBudgetError, CaptureError, TraceFileError, TraceModelMismatchError
+from workbench.errors import (
+    CaptureBudgetError,
+    CaptureError,
+    TraceFileError,
+    TraceModelMismatchError,
+)
 from workbench.inspect.budget import parse_budget as parse_bytes
 from workbench.inspect.budget import trace_bytes
 from workbench.inspect.capture import capture, trace
 from workbench.inspect.trace import Trace
+from workbench.model.adapters import adapter_for
 
 COMMON = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
               head_dim=16, vocab_size=300, initializer_range=0.1, tie_word_embeddings=False)
@@ -468,7 +488,7 @@ def test_trace_of_text_messages_and_generation_with_tokenizer():
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     m = trace(model, tokenizer, adapter, messages, what=["routing"])
     assert "<|start|>" in m.tokens.strings and m.meta["tokenizer"] == tokenizer.name_or_path
-    generation = pytest.importorskip("workbench.chat.generation")
+    from workbench.chat import generation
     fields = {f.name for f in __import__("dataclasses").fields(generation.Generation)}
     assert {"prompt_ids", "token_ids", "token_channels"} <= fields
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.inspect import capture as tracing
 from workbench.errors import InterventionError
-from workbench.ui.widget import GenerationWidget, widget
+from workbench.inspect import capture as tracing
 from workbench.ui.inspector import MEAN, PAGE_SIZE
+from workbench.ui.widget import GenerationWidget, widget
 
 HARMONY_SCRIPT = ("<|channel|>analysis<|message|>The user greets me. I greet back.<|end|>"
                   "<|start|>assistant<|channel|>final<|message|>Hello to you!<|return|>")

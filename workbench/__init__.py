@@ -9,24 +9,44 @@
 The layers, each a subpackage, data flowing one way: model → chat → inspect → intervene → analysis →
 views → ui, with fixtures (offline models) beside them and `session` as the facade. See docs/architecture.md.
 """
-__version__ = "0.1.0"
-
-from workbench import errors  # noqa: E402 (the version is set before any submodule reads it)
-from workbench.analysis.presets_compare import PresetComparison, compare_presets  # noqa: E402
-from workbench.analysis.routing_stats import RoutingStats, merge_routing_stats  # noqa: E402
-from workbench.errors import (AdapterError, BusyError, CaptureBudgetError, CaptureError, ChatError,  # noqa: E402
-                              ContextLengthError, DoesNotFitError, InterventionError, ModelNotFoundError,
-                              NotACausalLMError, PresetComparisonError, PresetError, RoutingStatsError,
-                              SamplingError, TraceFileError, TraceModelMismatchError, ViewError, WorkbenchError)
-from workbench.inspect.capture import trace  # noqa: E402
-from workbench.inspect.trace import Trace  # noqa: E402
-from workbench.intervene.compare import Comparison  # noqa: E402
-from workbench.intervene.interventions import (ablate_experts, ablate_heads, force_experts, scale_sinks,  # noqa: E402
-                                               steer_experts)
-from workbench.model.adapters import ADAPTERS, Adapter, adapter_for  # noqa: E402
-from workbench.model.planning import plan, plan_all  # noqa: E402
-from workbench.model.presets import PRESET_NAMES, PRESETS  # noqa: E402
-from workbench.session import DEFAULT_KINDS, Session, default_model, load  # noqa: E402
+from workbench import errors
+from workbench.analysis.presets_compare import PresetComparison, compare_presets
+from workbench.analysis.routing_stats import RoutingStats, merge_routing_stats
+from workbench.errors import (
+                              AdapterError,
+                              BusyError,
+                              CaptureBudgetError,
+                              CaptureError,
+                              ChatError,
+                              ContextLengthError,
+                              DoesNotFitError,
+                              InterventionError,
+                              ModelNotFoundError,
+                              NotACausalLMError,
+                              PresetComparisonError,
+                              PresetError,
+                              RoutingStatsError,
+                              SamplingError,
+                              TraceFileError,
+                              TraceModelMismatchError,
+                              ViewError,
+                              WorkbenchError,
+)
+from workbench.inspect.capture import trace
+from workbench.inspect.trace import Trace
+from workbench.intervene.compare import Comparison
+from workbench.intervene.interventions import (
+                              ablate_experts,
+                              ablate_heads,
+                              force_experts,
+                              scale_sinks,
+                              steer_experts,
+)
+from workbench.model.adapters import ADAPTERS, Adapter, adapter_for
+from workbench.model.planning import plan, plan_all
+from workbench.model.presets import PRESET_NAMES, PRESETS
+from workbench.session import DEFAULT_KINDS, Session, default_model, load
+from workbench.version import __version__
 
 __all__ = [
     "ADAPTERS", "Adapter", "AdapterError", "BusyError", "CaptureBudgetError", "CaptureError", "ChatError",
@@ -35,5 +55,5 @@ __all__ = [
     "PresetComparisonError", "PresetError", "RoutingStats", "RoutingStatsError", "SamplingError", "Session",
     "Trace", "TraceFileError", "TraceModelMismatchError", "ViewError", "WorkbenchError", "ablate_experts",
     "ablate_heads", "adapter_for", "compare_presets", "default_model", "errors", "force_experts", "load",
-    "merge_routing_stats", "plan", "plan_all", "scale_sinks", "steer_experts", "trace",
+    "merge_routing_stats", "plan", "plan_all", "scale_sinks", "steer_experts", "trace", "__version__",
 ]

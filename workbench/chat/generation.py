@@ -29,7 +29,13 @@ import time
 import weakref
 
 import torch
-from transformers import LogitsProcessor, StoppingCriteria, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessor,
+    StoppingCriteria,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from workbench.errors import ContextLengthError, SamplingError
 from workbench.model.adapters import input_device, text_config
@@ -210,6 +216,11 @@ class GenerationRun:
     @property
     def running(self) -> bool:
         return not self._job.done.is_set()
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception that ended the run, if one did (iteration and result() raise it too)."""
+        return self._job.error
 
     def stop(self) -> None:
         """Ask the generation to end; it does after the token being computed now."""

@@ -23,7 +23,10 @@ import sys
 from typing import Iterable
 
 import torch
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    AttentionMaskInterface,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from workbench.errors import CaptureError
@@ -200,7 +203,9 @@ def _original_attention(module, implementation: str):
     if implementation == "eager" and eager is not None:
         return eager
     if eager is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward as eager  # last resort
+        from transformers.integrations.sdpa_attention import (
+            sdpa_attention_forward as eager,  # last resort
+        )
     return interface.get_interface(implementation, eager)
 
 

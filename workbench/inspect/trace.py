@@ -338,7 +338,7 @@ class Trace:
         import safetensors
         import transformers
 
-        from workbench import __version__
+        from workbench.version import __version__
 
         ids = record.input_ids.tolist() if record.input_ids is not None else []
         strings = [tokenizer.decode([i]) for i in ids] if tokenizer is not None else [str(i) for i in ids]

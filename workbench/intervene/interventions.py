@@ -52,7 +52,11 @@ from torch import nn
 
 from workbench.errors import BusyError, InterventionError
 from workbench.indices import format_indices, resolve_index
-from workbench.inspect.routing import LogitTransform, add_router_transform, router_transforms
+from workbench.inspect.routing import (
+    LogitTransform,
+    add_router_transform,
+    router_transforms,
+)
 from workbench.model.adapters import text_config
 
 

@@ -63,7 +63,10 @@ def mxfp4_unavailable_reason() -> str | None:
         return f"triton >= 3.4 is needed for mxfp4 kernels (found {triton or 'none'}): pip install 'triton>=3.4'"
     kernels = package_version("kernels")
     try:
-        from transformers.utils.import_utils import KERNELS_MAX_VERSION, KERNELS_MIN_VERSION
+        from transformers.utils.import_utils import (
+            KERNELS_MAX_VERSION,
+            KERNELS_MIN_VERSION,
+        )
     except ImportError:  # older transformers have no window
         KERNELS_MIN_VERSION, KERNELS_MAX_VERSION = "0.0", None
     if kernels is None:

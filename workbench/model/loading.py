@@ -14,7 +14,12 @@ import torch
 from workbench.model import hardware, memory, planning, sources
 from workbench.model.adapters import adapter_for
 from workbench.model.presets import Preset, get_preset
-from workbench.model.report import LoadReport, WarningCollector, actual_quantization, measure
+from workbench.model.report import (
+    LoadReport,
+    WarningCollector,
+    actual_quantization,
+    measure,
+)
 
 
 @dataclasses.dataclass

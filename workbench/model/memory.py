@@ -14,6 +14,7 @@ from torch import nn
 from workbench.model.adapters import adapter_for, text_config
 from workbench.model.presets import BYTES_PER_QUANTIZED_VALUE, Preset
 
+
 # ---- the skeleton: parameters, their groups, and what each quantizer could touch ------------------
 @dataclasses.dataclass(frozen=True)
 class Param:

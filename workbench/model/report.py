@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from workbench.model.adapters import Adapter
+from workbench.sizes import format_bytes
 
 
 @dataclasses.dataclass
@@ -36,10 +37,10 @@ class LoadReport:
 
     def rows(self) -> list[tuple[str, str]]:
         dtypes = "; ".join(
-            f"{group}: " + ", ".join(f"{name} {_gb(b)}" for name, b in sorted(d.items()))
+            f"{group}: " + ", ".join(f"{name} {format_bytes(b)}" for name, b in sorted(d.items()))
             for group, d in self.dtypes_by_group.items()
         )
-        placement = ", ".join(f"{dev} {_gb(b)}" for dev, b in self.bytes_by_device.items())
+        placement = ", ".join(f"{dev} {format_bytes(b)}" for dev, b in self.bytes_by_device.items())
         devices = sorted(set(self.device_map.values())) if self.device_map else []
         rows = [
             ("model", self.model),
@@ -48,7 +49,7 @@ class LoadReport:
             ("quantization loaded", self.actual_quantization or "none"),
             ("fallback", self.fallback or "none"),
             ("weights by group", dtypes),
-            ("measured weights", f"{_gb(self.total_bytes)} ({placement}); plan said {_gb(self.planned_bytes)}"),
+            ("measured weights", f"{format_bytes(self.total_bytes)} ({placement}); plan said {format_bytes(self.planned_bytes)}"),
             ("attention", self.attn_implementation),
             ("devices", ", ".join(devices) or "n/a"),
             ("load time", f"{self.load_seconds:.1f} s"),
@@ -68,10 +69,6 @@ class LoadReport:
         warn = "".join(f"<li>{html.escape(w)}</li>" for w in self.transformers_warnings)
         extra = f"<details><summary>transformers warnings ({len(self.transformers_warnings)})</summary><ul>{warn}</ul></details>" if warn else ""
         return f"<table>{body}</table>{extra}"
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _dtype_name(t: torch.Tensor) -> str:

@@ -40,11 +40,6 @@ class Source:
     config: Any  # a transformers PretrainedConfig
     note: str = ""  # where the config was read from, in words
 
-    @property
-    def load_id(self) -> str | None:
-        """What to pass to `from_pretrained` (None when only a config object was given)."""
-        return self.path if self.path is not None else (self.name if self.kind == "hub" else None)
-
 
 # ---- the entry point -------------------------------------------------------------------
 def resolve(model: Any, *, trust_remote_code: bool = False) -> Source:

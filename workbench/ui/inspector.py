@@ -21,15 +21,10 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from workbench.errors import BusyError
+from workbench.views.labels import visible
 
 PAGE_SIZE = 64
 MEAN = "mean"  # the head dropdown's "average over heads" choice
-
-
-def visible(text: str, limit: int | None = None) -> str:
-    """A token's text with whitespace made visible (␣, ↵, →), shortened to `limit` characters."""
-    out = text.replace(" ", "␣").replace("\n", "↵").replace("\t", "→") or "∅"
-    return out if limit is None or len(out) <= limit else out[:limit - 1] + "…"
 
 
 def chip_color(logprob: float) -> str:
@@ -203,13 +198,13 @@ class TokenInspector(widgets.VBox):
         channel = g.token_channels[i] if i < len(g.token_channels) else "final"
         rows = "".join(
             f"<tr style='{'font-weight:bold' if tid == g.token_ids[i] else ''}'><td>{r + 1}</td>"
-            f"<td><code>{html.escape(visible(text))}</code></td><td>{tid}</td>"
+            f"<td><code>{html.escape(visible(text, None))}</code></td><td>{tid}</td>"
             f"<td style='text-align:right'>{math.exp(lp):.4f}</td><td style='text-align:right'>{lp:.3f}</td></tr>"
             for r, (tid, text, lp) in enumerate(self.alternatives))
         table = (f"<table class='wb-alternatives' style='border-collapse:collapse'><tr><th>#</th><th>token</th>"
                  f"<th>id</th><th>probability</th><th>logprob</th></tr>{rows}</table>") if rows else \
             "<i>no alternatives recorded (top_alternatives=0)</i>"
-        return (f"<div>token <b>#{i}</b> <code>{html.escape(visible(g.tokens[i]))}</code> (id {g.token_ids[i]}, "
+        return (f"<div>token <b>#{i}</b> <code>{html.escape(visible(g.tokens[i], None))}</code> (id {g.token_ids[i]}, "
                 f"{html.escape(channel)}) · p = {p:.4f} · logprob {g.logprobs[i]:.3f}</div>"
                 f"<div style='color:#666;font-size:90%'>top alternatives at the step that chose it "
                 f"(the model's raw distribution):</div>{table}")

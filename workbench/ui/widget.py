@@ -264,7 +264,7 @@ class GenerationWidget(widgets.VBox):
             g = run.result(raise_errors=False)
             stack.close()  # the run has ended: undo the interventions (waits until the session is idle)
             if g is None:  # the run could not even build a Generation
-                raise RuntimeError(run._job.error or "the generation ended without a result")
+                raise RuntimeError(run.error or "the generation ended without a result")
             self.generation, self.generation_interventions = g, records
             self._show(g.channels, len(g.token_ids),
                        f"{len(g.token_ids)} tokens · {g.tokens_per_second:.1f} tok/s · {g.finish_reason} · "
