@@ -72,6 +72,9 @@ class Session:
     plan: Any = None
     source: Any = None
     _busy: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+    # Interventions, steering and hooks active now, outermost first: traces taken inside record them.
+    active_interventions: list = dataclasses.field(default_factory=list, repr=False)
+    _writing: Any = dataclasses.field(default=None, repr=False)  # the parser of the generation running now
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel) -> "Session":
@@ -132,14 +135,35 @@ class Session:
                                  tools=tools, renderer=renderer)
         if not self._busy.acquire(blocking=False):
             raise BusyError("a generation is already running on this session: stop it (run.stop()) or wait for it")
+        parser = chat_format.make_parser(self.tokenizer)
+        self._writing = parser
         try:
-            run = generation.start(self.model, self.tokenizer, prompt_ids, params,
-                                   chat_format.make_parser(self.tokenizer), stop_token_ids=stop_tokens)
+            run = generation.start(self.model, self.tokenizer, prompt_ids, params, parser, stop_token_ids=stop_tokens)
         except BaseException:
+            self._writing = None
             self._busy.release()
             raise
-        run.on_finish(self._busy.release)
+        run.on_finish(self._finished)
         return run
+
+    def _finished(self) -> None:
+        self._writing = None
+        self._busy.release()
+
+    def writing_channel(self):
+        """While a generation runs: the channel whose content the model is writing now (None in a header);
+        False when no generation runs. Channel-limited steering reads it."""
+        parser = self._writing
+        if parser is None:
+            return False
+        message = getattr(parser, "message", None)
+        if message is None or message.get("role", "assistant") != "assistant":
+            return None
+        return message.get("channel") or "final"
+
+    def provenance(self) -> list[dict]:
+        """What is active now (interventions, steering, hooks), as traces record it."""
+        return [x.describe() for x in self.active_interventions]
 
     def chat(self, prompt, **kwargs) -> "generation.Generation":
         """Generate a whole answer; returns a Generation (text, channels, token ids, logprobs, alternatives)."""
@@ -155,7 +179,8 @@ class Session:
 
         with self.exclusive("tracing"):
             return tracing.trace(self.model, self.tokenizer, self.adapter, inputs, what=what, layers=layers,
-                                 heads=heads, budget=budget, dtype=dtype, preset=self.report.preset)
+                                 heads=heads, budget=budget, dtype=dtype, preset=self.report.preset,
+                                 provenance=self.provenance())
 
     @contextlib.contextmanager
     def capture(self, *, what=None, layers=None, heads=None, dtype=None, budget=None):
@@ -164,6 +189,7 @@ class Session:
 
         with self.exclusive("capturing"), capture(self.model, self.adapter, what=what, layers=layers, heads=heads,
                                                    dtype=dtype, budget=budget) as cap:
+            cap.provenance = self.provenance()
             yield cap
 
     # ---- interventions: context managers that change the model only inside `with` ----
@@ -196,6 +222,32 @@ class Session:
         from workbench.intervene import interventions
 
         return interventions.scale_sinks(self, factors)
+
+    def steer(self, vector, layer: int, scale: float = 1.0, channels=None):
+        """`with s.steer(vector, layer, scale=4.0, channels=None):` adds scale * vector to the residual stream after
+        `layer`; channels=["final"] (harmony) steers only while the model writes the answer."""
+        from workbench.intervene import steering
+
+        return steering.steer(self, vector, layer, scale=scale, channels=channels)
+
+    def steering_vector(self, positive, negative, layer: int, *, position: str = "last"):
+        """Mean difference of residuals after `layer` between positive and negative prompts (float32)."""
+        from workbench.intervene import steering
+
+        return steering.steering_vector(self, positive, negative, layer, position=position)
+
+    def hook(self, path: str, fn):
+        """`with s.hook("model.layers.3.mlp", fn):` fn(module, args, output) after that module's forward; a
+        non-None return value replaces the output. `s.modules()` lists the paths."""
+        from workbench.intervene import hooks
+
+        return hooks.hook(self, path, fn)
+
+    def modules(self, contains: str | None = None) -> list[str]:
+        """Module paths `hook` takes, optionally those containing `contains`."""
+        from workbench.intervene import hooks
+
+        return hooks.module_names(self.model, contains)
 
     def compare(self, prompt, interventions, **kwargs):
         """Texts, per-token KL (teacher-forced on the baseline's tokens) and routing diff per variant."""

@@ -55,6 +55,7 @@ class Capture:
         self.model, self.adapter = model, adapter
         self.spec = CaptureSpec.for_model(model, adapter, what, layers, heads, dtype)
         self.budget = budget
+        self.provenance: list[dict] = []  # what was active (interventions, steering, hooks); set by the session
         self.records: list[Record] = []
         self._handles: list = []
         self._restore: list = []
@@ -140,7 +141,7 @@ class Capture:
             raise CaptureError(f"{len(self.records)} forwards were recorded (e.g. one per generated token): "
                                f"pick one with cap.trace(call=i), 0..{len(self.records) - 1}.")
         return Trace.from_record(self.spec, self.records[-1 if call is None else call], tokenizer, channels, preset,
-                                 model=self.model)
+                                 model=self.model, provenance=self.provenance)
 
     # ---- the hooks ----------------------------------------------------------------------------
     def _on_forward(self, module, args, kwargs):
@@ -216,12 +217,13 @@ def capture(model, adapter: Adapter, what: Iterable[str] | None = None, layers=N
 
 
 def trace(model, tokenizer, adapter: Adapter, inputs, what=None, layers=None, heads=None, budget="2GB",
-          dtype: torch.dtype | None = None, preset: str | None = None) -> Trace:
+          dtype: torch.dtype | None = None, preset: str | None = None, provenance: list[dict] | None = None) -> Trace:
     """One forward over `inputs` with capture; returns a Trace.
 
     what: any of "routing", "attention", "residuals" (default: routing and attention; attention on dense
     models). dtype: storage for q/k/residuals (default: the model's dtype if 16-bit, else float16;
     torch.float32 for exact work on a float32 model). budget: '2GB', '500MB', bytes or None.
+    provenance: what was active (interventions, steering, hooks), recorded in the trace and its file.
     """
     ids, channels = as_token_ids(tokenizer, inputs)
     if not ids:
@@ -229,6 +231,7 @@ def trace(model, tokenizer, adapter: Adapter, inputs, what=None, layers=None, he
     cap = capture(model, adapter, what=what, layers=layers, heads=heads, dtype=dtype)
     check_budget(cap.spec, len(ids), budget)  # before any hook is installed
     input_ids = torch.tensor([ids], dtype=torch.int64, device=input_device(model))
+    cap.provenance = list(provenance or [])
     with torch.no_grad(), cap:
         model(input_ids=input_ids, use_cache=False)
     return cap.trace(tokenizer, channels=channels, preset=preset)

@@ -105,6 +105,11 @@ class Trace:
         return self.meta["attention_layers"]
 
     @property
+    def provenance(self) -> list[dict]:
+        """What was active when this trace was taken (interventions, steering, hooks); [] for a clean run."""
+        return self.meta.get("provenance") or []
+
+    @property
     def model(self):
         """The model the trace was taken from, while it is alive (None for a trace loaded from a file)."""
         return self._model() if self._model is not None else None
@@ -114,8 +119,9 @@ class Trace:
         return self.meta["heads"]
 
     def __repr__(self) -> str:
+        changed = f", with {', '.join(p['name'] for p in self.provenance)}" if self.provenance else ""
         return (f"Trace({self.meta.get('model')!r}, {len(self.tokens)} tokens, {', '.join(self.meta['what'])}, "
-                f"layers={format_indices(self.meta['layers'])}, heads={format_indices(self.heads)})")
+                f"layers={format_indices(self.meta['layers'])}, heads={format_indices(self.heads)}{changed})")
 
     # ---- attention ------------------------------------------------------------------------------
     def attention_layer(self, layer: int) -> int:
@@ -333,7 +339,7 @@ class Trace:
     # ---- building -------------------------------------------------------------------------------------
     @classmethod
     def from_record(cls, spec: CaptureSpec, record: Record, tokenizer=None, channels=None, preset=None,
-                    model=None) -> "Trace":
+                    model=None, provenance: list[dict] | None = None) -> "Trace":
         """A Trace from what a capture asked for (`spec`) and what one forward recorded."""
         import safetensors
         import transformers
@@ -370,6 +376,7 @@ class Trace:
             "storage_dtype": str(spec.storage_dtype).removeprefix("torch."),
             "model_dtype": str(spec.model_dtype).removeprefix("torch."),
             "residual_dtype": record.residual_dtype,
+            "provenance": list(provenance or []),
             "attention": {str(layer): {k: v for k, v in record.attn[layer].items() if k != "sinks"}
                           for layer in attention_layers},
         }

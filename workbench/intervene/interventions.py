@@ -97,6 +97,10 @@ class Intervention:
         self._undo = []
         try:
             self._install()
+            active = getattr(self.session, "active_interventions", None)
+            if active is not None:  # provenance: traces taken inside record what was active
+                active.append(self)
+                self._undo.append(lambda: active.remove(self) if self in active else None)
         except BaseException:
             self._unwind()
             raise
@@ -125,6 +129,10 @@ class Intervention:
     def __repr__(self) -> str:
         return f"{self.name}({getattr(self, 'spec', '...')!r})"
 
+    def describe(self) -> dict:
+        """What this intervention does, as JSON-ready data: recorded in traces taken while it is active."""
+        return {"name": self.name, "spec": _jsonable(self.spec)}
+
     # ---- checks shared by the subclasses ----
     def _spec_dict(self, spec) -> dict:
         if not isinstance(spec, dict) or not spec:
@@ -136,6 +144,16 @@ class Intervention:
         """A model layer; negative counts from the last layer, as everywhere in the workbench."""
         return resolve_index(layer, range(self.n_layers), "layer", "this model", InterventionError,
                              count=self.n_layers)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.tolist() if x.numel() <= 16 else f"tensor{tuple(x.shape)}"
+    return x if isinstance(x, (int, float, str, bool, type(None))) else repr(x)
 
 
 def _is_int(x) -> bool:

@@ -232,8 +232,13 @@ class TokenInspector(widgets.VBox):
                 self.head.options, self.head.value = [MEAN, *t.heads], MEAN if cheap else t.heads[0]
             finally:
                 self._quiet = False
-        self.trace_note.value = "" if self.trace_error is None else \
-            f"<div style='color:#b00'>no trace: {html.escape(self.trace_error)}</div>"
+        if self.trace_error is not None:
+            self.trace_note.value = f"<div style='color:#b00'>no trace: {html.escape(self.trace_error)}</div>"
+        elif t is not None and t.provenance:  # say what the numbers below were computed under
+            self.trace_note.value = ("<div style='color:#a60'>traced with " + html.escape(
+                "; ".join(f"{p['name']} {p.get('spec', p.get('path', ''))}" for p in t.provenance)) + "</div>")
+        else:
+            self.trace_note.value = ""
 
     def _query(self) -> int:
         """Trace position of the step that chose the selected token."""

@@ -94,12 +94,22 @@ def window(n: int, window=None, default: int = MAX_TOKENS, unit: str = "tokens")
     return start, stop, note
 
 
-def title(fig: go.Figure, text: str, *notes: str) -> go.Figure:
-    """Set the title; non-empty notes go underneath as a subtitle (what is windowed, how to read it)."""
-    sub = " · ".join(n for n in notes if n)
+def title(fig: go.Figure, t, text: str, *notes: str) -> go.Figure:
+    """Set the title; non-empty notes go underneath as a subtitle (what is windowed, how to read it), and
+    first of all what was active when trace `t` was taken (interventions, steering, hooks), if anything."""
+    sub = " · ".join(n for n in (provenance_note(t), *notes) if n)
     fig.update_layout(title=dict(text=text, subtitle=dict(text=sub) if sub else None, x=0.0, xanchor="left"),
                       margin=dict(t=90 if sub else 60))
     return fig
+
+
+def provenance_note(t) -> str:
+    """"taken with ablate_experts {...}; steer ..." for a trace taken inside interventions, else ""."""
+    active = getattr(t, "provenance", None) or []
+    if not active:
+        return ""
+    parts = [p["name"] + (f" {p['spec']}" if "spec" in p else "") for p in active]
+    return "<b>taken with " + "; ".join(parts) + "</b>"
 
 
 def axis_height(rows: int, lo: int = 420, hi: int = 900, per_row: int = 14) -> int:

@@ -67,7 +67,7 @@ def attention_heatmap(t, layer: int, head: int, *, window=None) -> go.Figure:
     kv = head // t.meta["groups"]
     how = ("each row: where that token looks; blank = masked" +
            (f"; '{SINK}' = probability the learned sink absorbs" if sinks else ""))
-    c.title(fig, f"Layer {layer} · head {head} (KV head {kv}) · {layer_kind(t, layer)}", note, how)
+    c.title(fig, t, f"Layer {layer} · head {head} (KV head {kv}) · {layer_kind(t, layer)}", note, how)
     fig.update_layout(height=c.axis_height(len(y)))
     return fig
 

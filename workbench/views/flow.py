@@ -63,7 +63,7 @@ def expert_flow(t, layers=None) -> go.Figure:
                   hovertemplate="%{label}: %{value} tokens<extra></extra>"),
         link=dict(source=source, target=target, value=value, color=color,
                   hovertemplate="%{source.label} → %{target.label}: %{value} tokens<extra></extra>")))
-    c.title(fig, f"Top-1 expert flow · layers {' → '.join(map(str, layers))} · {len(t.tokens)} tokens",
+    c.title(fig, t, f"Top-1 expert flow · layers {' → '.join(map(str, layers))} · {len(t.tokens)} tokens",
             "each band: tokens whose strongest expert was the left one at one layer and the right one at the next")
     fig.update_layout(height=max(420, 18 * max(Counter(layer for layer, _ in nodes).values())))
     return fig
@@ -84,7 +84,7 @@ def coactivation(t, layer: int) -> go.Figure:
                                hovertemplate="%{y} & %{x}: %{z:.0f} tokens<extra></extra>"))
     fig.update_xaxes(title="expert", type="category")
     fig.update_yaxes(title="expert", type="category", autorange="reversed", scaleanchor="x")
-    c.title(fig, f"Layer {layer} · expert co-activation · top-{k} · {len(t.tokens)} tokens",
+    c.title(fig, t, f"Layer {layer} · expert co-activation · top-{k} · {len(t.tokens)} tokens",
             "cell (i, j): tokens that went to both i and j; diagonal blank (it is the expert's load)"
             + ("; top-1 routing never co-activates" if k == 1 else ""))
     fig.update_layout(height=c.axis_height(counts.shape[0], per_row=20, lo=480))

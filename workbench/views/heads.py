@@ -64,7 +64,7 @@ def head_grid(t, metric: str = "sink_mass") -> go.Figure:
                                hovertemplate="%{y} · %{x}<br>" + what + " = %{z:.3f}<extra></extra>"))
     fig.update_xaxes(title="head", type="category")
     fig.update_yaxes(title="layer", type="category", autorange="reversed")
-    c.title(fig, f"{what.capitalize()} per head · {len(t.tokens)} tokens", how)
+    c.title(fig, t, f"{what.capitalize()} per head · {len(t.tokens)} tokens", how)
     fig.update_layout(height=c.axis_height(len(y), per_row=22))
     return fig
 
@@ -92,7 +92,7 @@ def sink_mass(t) -> go.Figure:
     fig.update_yaxes(title="layer", type="category", autorange="reversed", row=1, col=1)
     fig.update_xaxes(title="token position", row=2, col=1)
     fig.update_yaxes(title="sink mass", range=[0, 1], row=2, col=1)
-    c.title(fig, f"Attention sink mass · {len(t.tokens)} tokens",
+    c.title(fig, t, f"Attention sink mass · {len(t.tokens)} tokens",
             "the probability each query gives the learned sink instead of any token")
     fig.update_layout(height=max(650, 2 * c.axis_height(len(y), per_row=22)), legend=dict(y=0.5, yanchor="top"),
                       margin=dict(t=120))  # room for the title, subtitle and the first panel's title

@@ -51,7 +51,7 @@ def logit_lens_grid(t, model=None, tokenizer=None, layers=None, k: int = 1, *, w
         hovertemplate="%{y} · at %{x}<br>%{customdata}<extra></extra>"))
     fig.update_xaxes(title="token (the guess is for the token after it)", type="category", tickangle=-60)
     fig.update_yaxes(title="residual stream read", type="category", autorange="reversed")
-    c.title(fig, f"Logit lens · top guess after each layer · {len(t.tokens)} tokens", note,
+    c.title(fig, t, f"Logit lens · top guess after each layer · {len(t.tokens)} tokens", note,
             "cell text: the most likely next token from that layer's residual; colour: its probability")
     fig.update_layout(height=c.axis_height(len(layers), per_row=26, lo=360),
                       width=max(700, min(2400, 160 + 62 * len(x))))

@@ -57,7 +57,7 @@ def expert_heatmap(t, layer: int, *, window=None) -> go.Figure:
         hovertemplate="token %{y}<br>%{x}<br>weight = %{z:.3f}<extra></extra>"))
     fig.update_xaxes(title="expert", type="category", side="top")
     fig.update_yaxes(title="token", type="category", autorange="reversed")
-    c.title(fig, f"Layer {layer} · routing weights · top-{k} of {n_experts} experts", note,
+    c.title(fig, t, f"Layer {layer} · routing weights · top-{k} of {n_experts} experts", note,
             f"each row: the {k} experts that token went to, and how much each counted (white = not chosen, weight 0)")
     fig.update_layout(height=c.axis_height(len(y)))
     return fig
@@ -86,7 +86,7 @@ def expert_load(t) -> go.Figure:
     fig.update_xaxes(title="expert", type="category")
     fig.update_yaxes(title="share of tokens routed here", range=[0, max(2 * uniform, float(counts.max()) / n_tokens)
                                                                  * 1.05], tickformat=".0%")
-    c.title(fig, f"Expert load · {n_tokens} tokens · top-{k} of {n_experts} experts",
+    c.title(fig, t, f"Expert load · {n_tokens} tokens · top-{k} of {n_experts} experts",
             "a token counts once for each of its k experts; bars above the dashed line are busier than even")
     return fig
 
@@ -103,7 +103,7 @@ def routing_entropy(t) -> go.Figure:
                                                    "<extra></extra>"))
     fig.update_xaxes(title="token", type="category", tickangle=-60)
     fig.update_yaxes(title="MoE layer", type="category", autorange="reversed")
-    c.title(fig, f"Router entropy · {len(t.tokens)} tokens · {n_experts} experts",
+    c.title(fig, t, f"Router entropy · {len(t.tokens)} tokens · {n_experts} experts",
             f"entropy of softmax(router logits): 0 bits = one expert certain; {top:.1f} bits = all {n_experts} "
             f"equally likely")
     fig.update_layout(height=c.axis_height(len(r.layers), per_row=28, lo=320))
