@@ -28,3 +28,13 @@ def test_offline_quickstart_runs_as_written(smollm2_dir):
     namespace = {}
     exec(compile("import workbench as wb\n" + offline, "README offline quickstart", "exec"), namespace)
     assert "Paris" in namespace["g"].text
+
+
+def _block_with(marker: str) -> str:
+    return next(b for b in _python_blocks() if marker in b)
+
+
+def test_batches_steering_hooks_section_runs_as_written():
+    namespace = {}
+    exec(compile(_block_with("s.steering_vector("), "README batches/steering section", "exec"), namespace)
+    assert namespace["t"].provenance[0]["name"] == "steer" and len(namespace["batch"]) == 3

@@ -332,9 +332,14 @@ def test_capture_around_own_forwards():
     with pytest.raises(CaptureError, match="call=i"):
         cap.trace()
     assert len(cap.trace(call=1).tokens) == 9
-    with pytest.raises(CaptureError, match="batch"):
-        with capture(model, adapter, what=["routing"]):
-            logits(model, torch.zeros(2, 4, dtype=torch.long))
+    batch = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with capture(model, adapter, what=["routing"]) as cap:  # a batch of your own: one Trace per row
+        logits(model, batch)
+    rows = cap.trace()
+    assert len(rows) == 2 and rows[1].tokens.ids == [9, 10, 11, 12]
+    with capture(model, adapter, what=["routing"]) as single:
+        logits(model, batch[1:])
+    assert torch.allclose(rows[1].routing.logits, single.trace().routing.logits, atol=1e-5, rtol=0)  # batched matmul: last bits
     assert all_hooks(model) == hooks
 
 

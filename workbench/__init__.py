@@ -9,9 +9,10 @@
 The layers, each a subpackage, data flowing one way: model → chat → inspect → intervene → analysis →
 views → ui, with fixtures (offline models) beside them and `session` as the facade. See docs/architecture.md.
 """
-from workbench import errors
+from workbench import errors, fixtures
 from workbench.analysis.presets_compare import PresetComparison, compare_presets
 from workbench.analysis.routing_stats import RoutingStats, merge_routing_stats
+from workbench.analysis.sae import SAE, load_sae
 from workbench.errors import (
                               AdapterError,
                               BusyError,
@@ -33,7 +34,7 @@ from workbench.errors import (
                               WorkbenchError,
 )
 from workbench.inspect.capture import trace
-from workbench.inspect.trace import Trace
+from workbench.inspect.trace import BatchTrace, Trace
 from workbench.intervene.compare import Comparison
 from workbench.intervene.interventions import (
                               ablate_experts,
@@ -49,11 +50,12 @@ from workbench.session import DEFAULT_KINDS, Session, default_model, load
 from workbench.version import __version__
 
 __all__ = [
-    "ADAPTERS", "Adapter", "AdapterError", "BusyError", "CaptureBudgetError", "CaptureError", "ChatError",
+    "ADAPTERS", "Adapter", "AdapterError", "BatchTrace", "BusyError", "CaptureBudgetError", "CaptureError", "ChatError",
     "Comparison", "ContextLengthError", "DEFAULT_KINDS", "DoesNotFitError", "InterventionError",
     "ModelNotFoundError", "NotACausalLMError", "PRESETS", "PRESET_NAMES", "PresetComparison",
     "PresetComparisonError", "PresetError", "RoutingStats", "RoutingStatsError", "SamplingError", "Session",
     "Trace", "TraceFileError", "TraceModelMismatchError", "ViewError", "WorkbenchError", "ablate_experts",
-    "ablate_heads", "adapter_for", "compare_presets", "default_model", "errors", "force_experts", "load",
+    "ablate_heads", "adapter_for", "compare_presets", "default_model", "errors", "fixtures", "force_experts", "load",
     "merge_routing_stats", "plan", "plan_all", "scale_sinks", "steer_experts", "trace", "__version__",
 ]
+__all__ += ["SAE", "load_sae"]

@@ -37,6 +37,7 @@ from typing import Iterable
 import torch
 
 from workbench.errors import RoutingStatsError, TraceModelMismatchError
+from workbench.inspect.capture import pad_right  # the one batching, shared with batched traces
 from workbench.inspect.routing import Routed, watch_routing
 from workbench.inspect.spec import config_hash
 from workbench.metrics import entropy_bits, entropy_bits_from_logits
@@ -279,17 +280,6 @@ class _RouterHooks:
         if missing:
             raise RoutingStatsError(f"routing was not seen at layers {missing}: this MLP class is not supported.")
         return tuple(torch.stack([self.out[layer][i].to(device) for layer in self.layers]) for i in range(3))
-
-
-def pad_right(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask [B, T]: texts left-aligned, pads after (positions stay 0..n-1)."""
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.int64)
-    mask = torch.zeros((len(ids), width), dtype=torch.int64)
-    for i, x in enumerate(ids):
-        input_ids[i, :len(x)] = torch.tensor(x, dtype=torch.int64)
-        mask[i, :len(x)] = 1
-    return input_ids.to(device), mask.to(device)
 
 
 def token_ids(tokenizer, item, text_key: str = "text") -> list[int]:

@@ -33,7 +33,7 @@ from workbench.errors import CaptureError
 from workbench.inspect.budget import check_budget
 from workbench.inspect.routing import Routed, watch_routing
 from workbench.inspect.spec import WHAT, CaptureSpec, Record  # noqa: F401 (WHAT re-exported)
-from workbench.inspect.trace import Trace, as_token_ids
+from workbench.inspect.trace import BatchTrace, Trace, as_token_ids, is_batch
 from workbench.model.adapters import Adapter, input_device, text_config
 
 _names = itertools.count()
@@ -56,10 +56,10 @@ class Capture:
         self.spec = CaptureSpec.for_model(model, adapter, what, layers, heads, dtype)
         self.budget = budget
         self.provenance: list[dict] = []  # what was active (interventions, steering, hooks); set by the session
-        self.records: list[Record] = []
+        self.records: list[list[Record]] = []  # one entry per forward: a Record per batch row
         self._handles: list = []
         self._restore: list = []
-        self._current: Record | None = None
+        self._current: list[Record] | None = None  # the rows of the forward in progress
 
     # ---- installing and removing --------------------------------------------------------------
     def __enter__(self) -> "Capture":
@@ -133,63 +133,94 @@ class Capture:
         if errors:
             raise errors[0]
 
-    def trace(self, tokenizer=None, call: int | None = None, channels=None, preset: str | None = None) -> Trace:
-        """The Trace of the forward recorded here (`call` picks one when there were several)."""
+    def trace(self, tokenizer=None, call: int | None = None, channels=None, preset: str | None = None):
+        """The Trace of the forward recorded here (`call` picks one when there were several); a BatchTrace
+        (one Trace per row, trailing padding cut off) when that forward had a batch of several rows.
+        `channels`: per-token channel labels (a list per row for a batch)."""
         if not self.records:
             raise CaptureError("nothing was recorded: run a forward of the model inside `with capture(...)`.")
         if call is None and len(self.records) > 1:
             raise CaptureError(f"{len(self.records)} forwards were recorded (e.g. one per generated token): "
                                f"pick one with cap.trace(call=i), 0..{len(self.records) - 1}.")
-        return Trace.from_record(self.spec, self.records[-1 if call is None else call], tokenizer, channels, preset,
-                                 model=self.model, provenance=self.provenance)
+        rows = self.records[-1 if call is None else call]
+        traces = [Trace.from_record(self.spec, _trim(record), tokenizer,
+                                    channels[i] if len(rows) > 1 and channels is not None else channels, preset,
+                                    model=self.model, provenance=self.provenance) for i, record in enumerate(rows)]
+        return traces[0] if len(rows) == 1 else BatchTrace(traces)
 
     # ---- the hooks ----------------------------------------------------------------------------
     def _on_forward(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         shape = tuple((ids if ids is not None else embeds).shape)
-        if len(shape) > 1 and shape[0] != 1:
-            raise CaptureError(f"capture records one sequence at a time; this forward has a batch of {shape[0]}.")
+        rows = (shape[0] if len(shape) > 1 else 1) if ids is not None else (shape[0] if len(shape) > 2 else 1)
         tokens = shape[-1] if ids is not None else shape[-2]
-        check_budget(self.spec, tokens, self.budget)
+        check_budget(self.spec, rows * tokens, self.budget)
         mask = kwargs.get("attention_mask")
-        record = Record(input_ids=ids.reshape(-1).detach().cpu().clone() if ids is not None else None)
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
-            record.key_mask = mask[0].detach().to("cpu", torch.bool).clone()
-        self.records.append(record)
-        self._current = record
+        records = []
+        for r in range(rows):
+            record = Record(input_ids=ids.reshape(rows, -1)[r].detach().cpu().clone() if ids is not None else None)
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask[r].all()):
+                record.key_mask = mask[r].detach().to("cpu", torch.bool).clone()
+            records.append(record)
+        self.records.append(records)
+        self._current = records
 
     def _on_route(self, layer: int, routed: Routed) -> None:
         if self._current is not None:
-            self._current.logits[layer] = routed.logits.detach().to("cpu", torch.float32)
-            self._current.indices[layer] = routed.indices.detach().to("cpu", torch.int64)
-            self._current.weights[layer] = routed.weights.detach().cpu().clone()
+            n = len(self._current)  # the primitive flattens the batch: [rows * tokens, ...]
+            logits = routed.logits.detach().to("cpu", torch.float32).reshape(n, -1, routed.logits.shape[-1])
+            indices = routed.indices.detach().to("cpu", torch.int64).reshape(n, -1, routed.indices.shape[-1])
+            weights = routed.weights.detach().cpu().reshape(n, -1, routed.weights.shape[-1])
+            for r, record in enumerate(self._current):
+                record.logits[layer], record.indices[layer] = logits[r].clone(), indices[r].clone()
+                record.weights[layer] = weights[r].clone()
 
     def _residual_hook(self, layer: int):
         def hook(module, args, output):
             if self._current is not None:
                 out = output[0] if isinstance(output, (tuple, list)) else output
-                self._current.residuals[layer] = _store(out[0], self.spec.storage_dtype)
-                self._current.residual_dtype = str(out.dtype).removeprefix("torch.")
+                for r, record in enumerate(self._current):
+                    record.residuals[layer] = _store(out[r], self.spec.storage_dtype)
+                    record.residual_dtype = str(out.dtype).removeprefix("torch.")
         return hook
 
     def _record_attention(self, layer, module, query, key, kwargs) -> None:
         spec = self.spec
-        q = query[0] if query.shape[1] == spec.num_heads else query[0].transpose(0, 1)  # [H, T, d]
-        k = key[0] if key.shape[1] == spec.num_kv_heads else key[0].transpose(0, 1)
         sinks = kwargs.get("s_aux")
         scaling = kwargs.get("scaling")
         dtype = spec.storage_dtype
-        self._current.q[layer] = _store(q if len(spec.heads) == spec.num_heads else q[spec.heads], dtype)
-        self._current.k[layer] = _store(k if len(spec.kv_heads) == spec.num_kv_heads else k[spec.kv_heads], dtype)
-        self._current.attn[layer] = {
-            "scaling": float(scaling if scaling is not None else getattr(module, "scaling", q.shape[-1] ** -0.5)),
-            "window": _int_or_none(kwargs["sliding_window"] if "sliding_window" in kwargs
-                                   else getattr(module, "sliding_window", None)),
-            "softcap": kwargs.get("softcap"),
-            "sinks": None if sinks is None else sinks.detach().to("cpu", torch.float32)[spec.heads].clone(),
-            "offset": int(k.shape[1] - q.shape[1]),  # keys from a cache come before the queries
-        }
+        for r, record in enumerate(self._current):
+            q = query[r] if query.shape[1] == spec.num_heads else query[r].transpose(0, 1)  # [H, T, d]
+            k = key[r] if key.shape[1] == spec.num_kv_heads else key[r].transpose(0, 1)
+            record.q[layer] = _store(q if len(spec.heads) == spec.num_heads else q[spec.heads], dtype)
+            record.k[layer] = _store(k if len(spec.kv_heads) == spec.num_kv_heads else k[spec.kv_heads], dtype)
+            record.attn[layer] = {
+                "scaling": float(scaling if scaling is not None else getattr(module, "scaling", q.shape[-1] ** -0.5)),
+                "window": _int_or_none(kwargs["sliding_window"] if "sliding_window" in kwargs
+                                       else getattr(module, "sliding_window", None)),
+                "softcap": kwargs.get("softcap"),
+                "sinks": None if sinks is None else sinks.detach().to("cpu", torch.float32)[spec.heads].clone(),
+                "offset": int(k.shape[1] - q.shape[1]),  # keys from a cache come before the queries
+            }
+
+
+def _trim(record: Record) -> Record:
+    """A row of a right-padded batch without its trailing padding: what tracing it alone records. Padding
+    elsewhere (left padding) stays, masked by key_mask."""
+    mask = record.key_mask
+    if mask is None or not bool(mask.any()) or any(info["offset"] for info in record.attn.values()):
+        return record
+    n = int(mask.nonzero().max()) + 1
+    kept = mask[:n]
+    return Record(
+        input_ids=None if record.input_ids is None else record.input_ids[:n],
+        key_mask=None if bool(kept.all()) else kept,
+        q={layer: x[:, :n] for layer, x in record.q.items()}, k={layer: x[:, :n] for layer, x in record.k.items()},
+        attn=record.attn, logits={layer: x[:n] for layer, x in record.logits.items()},
+        indices={layer: x[:n] for layer, x in record.indices.items()},
+        weights={layer: x[:n] for layer, x in record.weights.items()},
+        residuals={layer: x[:n] for layer, x in record.residuals.items()}, residual_dtype=record.residual_dtype)
 
 
 def _int_or_none(x) -> int | None:
@@ -217,21 +248,45 @@ def capture(model, adapter: Adapter, what: Iterable[str] | None = None, layers=N
 
 
 def trace(model, tokenizer, adapter: Adapter, inputs, what=None, layers=None, heads=None, budget="2GB",
-          dtype: torch.dtype | None = None, preset: str | None = None, provenance: list[dict] | None = None) -> Trace:
-    """One forward over `inputs` with capture; returns a Trace.
+          dtype: torch.dtype | None = None, preset: str | None = None, provenance: list[dict] | None = None):
+    """One forward over `inputs` with capture; returns a Trace, or a BatchTrace for a batch.
 
+    inputs: a Generation, a string, chat messages or token ids; or a list of those (a batch: one right-padded
+    forward; `t[i]` is row i's Trace, equal to tracing it alone, with no padding in it).
     what: any of "routing", "attention", "residuals" (default: routing and attention; attention on dense
     models). dtype: storage for q/k/residuals (default: the model's dtype if 16-bit, else float16;
-    torch.float32 for exact work on a float32 model). budget: '2GB', '500MB', bytes or None.
+    torch.float32 for exact work on a float32 model). budget: '2GB', '500MB', bytes or None, for the whole batch.
     provenance: what was active (interventions, steering, hooks), recorded in the trace and its file.
     """
-    ids, channels = as_token_ids(tokenizer, inputs)
-    if not ids:
-        raise CaptureError("nothing to trace: the input has no tokens.")
+    batch = is_batch(inputs)
+    items = [as_token_ids(tokenizer, x) for x in (inputs if batch else [inputs])]
+    if not items or any(not ids for ids, _ in items):
+        raise CaptureError("nothing to trace: an input has no tokens.")
     cap = capture(model, adapter, what=what, layers=layers, heads=heads, dtype=dtype)
-    check_budget(cap.spec, len(ids), budget)  # before any hook is installed
-    input_ids = torch.tensor([ids], dtype=torch.int64, device=input_device(model))
+    width = max(len(ids) for ids, _ in items)
+    check_budget(cap.spec, width * len(items), budget)  # before any hook is installed
+    device = input_device(model)
+    kwargs = {}
+    if batch:
+        pad = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
+                    if t is not None), 0)
+        input_ids, kwargs["attention_mask"] = pad_right([ids for ids, _ in items], pad, device)
+    else:
+        input_ids = torch.tensor([items[0][0]], dtype=torch.int64, device=device)
     cap.provenance = list(provenance or [])
     with torch.no_grad(), cap:
-        model(input_ids=input_ids, use_cache=False)
+        model(input_ids=input_ids, use_cache=False, **kwargs)
+    channels = [c for _, c in items] if batch else items[0][1]
     return cap.trace(tokenizer, channels=channels, preset=preset)
+
+
+def pad_right(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask [B, T] of a batch: each row left-aligned, pads after, so positions stay
+    0..n-1 and every real token sees exactly what it sees alone (causal attention never looks right)."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(ids), width), dtype=torch.int64)
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)] = torch.tensor(x, dtype=torch.int64)
+        mask[i, :len(x)] = 1
+    return input_ids.to(device), mask.to(device)

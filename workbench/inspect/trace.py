@@ -273,6 +273,11 @@ class Trace:
         decode = (lambda i: tokenizer.decode([i])) if tokenizer is not None else str
         return LogitLens(top.indices, top.values, [[decode(int(i)) for i in row] for row in top.indices])
 
+    def features(self, sae, k: int = 5):
+        """Top-k active features of a sparse autoencoder at every token: `sae.features(self, k)` (the SAE lives in
+        workbench/analysis/sae.py, a layer above this one, so it is duck-typed here, never imported)."""
+        return sae.features(self, k)
+
     def require_model(self, model=None):
         """`model` (checked to be the one this trace came from), else the live model it was taken from."""
         model = model if model is not None else self.model
@@ -385,7 +390,40 @@ class Trace:
         return cls(Tokens(ids, strings, channels), meta, tensors, model=model)
 
 
+class BatchTrace:
+    """Traces of several inputs taken in one padded forward: `t[i]` is row i's Trace, equal to tracing that
+    input alone (no padding in it), `len(t)` rows, iterable."""
+
+    def __init__(self, rows: list[Trace]):
+        self.rows = list(rows)
+
+    def __getitem__(self, i: int) -> Trace:
+        return self.rows[i]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    @property
+    def provenance(self) -> list[dict]:
+        return self.rows[0].provenance if self.rows else []
+
+    def __repr__(self) -> str:
+        lengths = ", ".join(str(len(t.tokens)) for t in self.rows[:8]) + (", ..." if len(self.rows) > 8 else "")
+        return f"BatchTrace({len(self.rows)} rows of {lengths} tokens)"
+
+
 # ---- inputs -----------------------------------------------------------------------------------------
+def is_batch(inputs) -> bool:
+    """A list of inputs (strings, Generations, chat conversations, id lists), as opposed to one input (a string,
+    a Generation, one conversation as a list of message dicts, or a list of token ids)."""
+    if not isinstance(inputs, (list, tuple)) or not inputs:
+        return False
+    if all(isinstance(i, int) for i in inputs) or all(isinstance(m, dict) for m in inputs):
+        return False
+    return True
 def as_token_ids(tokenizer, inputs) -> tuple[list[int], list[str] | None]:
     """Token ids (and channel labels) for a Generation, a raw string, chat messages, or token ids."""
     if hasattr(inputs, "prompt_ids") and hasattr(inputs, "token_ids"):
