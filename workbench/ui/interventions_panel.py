@@ -4,6 +4,7 @@
     w.interventions.add("steer_experts", 2, "7:+2.0, 3:-1")
     w.interventions.add("scale sinks", 0, "0.5", on=False)
     w.interventions.active()   # [("ablate_experts", {1: [7, 12]}), ("steer_experts", {2: {7: 2.0, 3: -1.0}})]
+    w.interventions.set_steering(vector, layer=3)          # a residual steering vector; its scale is a slider
 
 `build()` parses and validates the rows that are on and returns fresh Intervention objects (not entered):
 a bad row raises InterventionError naming the row and, from workbench.interventions, the valid range.
@@ -19,6 +20,7 @@ import ipywidgets as widgets
 
 from workbench.errors import InterventionError
 from workbench.intervene.interventions import INTERVENTIONS
+from workbench.intervene.steering import steer
 from workbench.ui.inspector import TokenInspector
 
 # label shown in the dropdown -> workbench.interventions name, and what its values field takes
@@ -106,7 +108,21 @@ class InterventionsPanel(widgets.Accordion):
         self.add_button.on_click(lambda _: self.add(self.kinds[0], 0, ""))
         self.summary = widgets.HTML()
         self.summary.add_class("wb-interventions-summary")
-        super().__init__([widgets.VBox([self.rows_box, widgets.HBox([self.add_button, self.summary])])],
+        # Residual steering: the vector comes from Python (set_steering); its scale is a slider, 0 = off.
+        self.steering_vector, self.steering_layer = None, None
+        self.steer_scale = widgets.FloatSlider(value=0.0, min=-10.0, max=10.0, step=0.25, description="steer",
+                                               continuous_update=False, disabled=True,
+                                               layout=widgets.Layout(width="340px"))
+        harmony = getattr(session, "harmony", False)
+        self.steer_channels = widgets.Dropdown(options=["all positions", "final", "analysis"] if harmony
+                                               else ["all positions"], value="all positions", disabled=True,
+                                               layout=widgets.Layout(width="140px"))
+        self.steer_note = widgets.HTML("<span style='color:#888'>no steering vector: "
+                                       "w.interventions.set_steering(vector, layer)</span>")
+        for control in (self.steer_scale, self.steer_channels):
+            control.observe(lambda _: self.refresh(), "value")
+        steering = widgets.HBox([self.steer_scale, self.steer_channels, self.steer_note])
+        super().__init__([widgets.VBox([self.rows_box, widgets.HBox([self.add_button, self.summary]), steering])],
                          titles=("interventions",), selected_index=None)
         self.add_class("wb-interventions")
         self.refresh()
@@ -127,6 +143,25 @@ class InterventionsPanel(widgets.Accordion):
         self.rows_box.children = tuple(self.rows)
         self.refresh()
         return row
+
+    def set_steering(self, vector, layer: int, scale: float | None = None) -> None:
+        """Use `vector` (hidden-size tensor, e.g. s.steering_vector(...)) at `layer`; the slider sets its scale."""
+        steer(self.session, vector, layer)  # checked now: wrong width or layer fails here, not at Generate
+        self.steering_vector, self.steering_layer = vector, layer
+        self.steer_scale.disabled = self.steer_channels.disabled = False
+        if scale is not None:
+            self.steer_scale.value = scale
+        self.steer_note.value = (f"<span style='color:#555'>vector |v| = {float(vector.norm()):.3g} "
+                                 f"at layer {layer}</span>")
+        self.refresh()
+
+    def steering(self):
+        """A fresh steer intervention for the slider's scale, or None when off (no vector, or scale 0)."""
+        if self.steering_vector is None or self.steer_scale.value == 0.0:
+            return None
+        channels = None if self.steer_channels.value == "all positions" else [self.steer_channels.value]
+        return steer(self.session, self.steering_vector, self.steering_layer, scale=self.steer_scale.value,
+                     channels=channels)
 
     def remove(self, row: InterventionRow) -> None:
         self.rows.remove(row)
@@ -150,7 +185,8 @@ class InterventionsPanel(widgets.Accordion):
             if row.on.value:
                 name, spec = self._checked(i, row, row.spec)
                 built.append(self._checked(i, row, lambda: INTERVENTIONS[name](self.session, spec)))
-        return built
+        steering = self.steering()
+        return built + ([steering] if steering is not None else [])
 
     def _checked(self, i: int, row: InterventionRow, make):
         try:
@@ -160,6 +196,9 @@ class InterventionsPanel(widgets.Accordion):
 
     def refresh(self) -> None:
         on = [row.describe() for row in self.rows if row.on.value]
+        if getattr(self, "steering_vector", None) is not None and self.steer_scale.value != 0.0:
+            on.append(f"steer L{self.steering_layer} × {self.steer_scale.value:+g}"
+                      + ("" if self.steer_channels.value == "all positions" else f" ({self.steer_channels.value})"))
         self.summary.value = ("<span style='color:#a50'>active: " + html.escape(" · ".join(on)) + "</span>") if on \
             else "<span style='color:#888'>none active</span>"
         self.set_title(0, f"interventions ({len(on)} on)" if on else "interventions")
@@ -185,7 +224,8 @@ class InterventionInspector(TokenInspector):
         try:
             with contextlib.ExitStack() as stack:
                 for name, spec in self.interventions:
-                    stack.enter_context(INTERVENTIONS[name](self.session, spec))
+                    stack.enter_context(steer(self.session, **spec) if name == "steer"
+                                        else INTERVENTIONS[name](self.session, spec))
                 super()._ensure_trace()
         except Exception as e:  # refused on entry (a generation running elsewhere): try again on the next click
             self._traced, self.trace = None, None

@@ -166,7 +166,8 @@ class GenerationWidget(widgets.VBox):
         self._run = run
         self._begin_turn(text)
         self.running = True
-        records = [(i.name, i.spec) for i in interventions]
+        records = [("steer", dict(vector=i.vector, layer=i.layer, scale=i.scale, channels=i.channels))
+                   if i.name == "steer" else (i.name, i.spec) for i in interventions]
         self._thread = threading.Thread(target=self._consume, args=(run, text, stack, records),
                                         name="workbench-widget", daemon=True)
         self._thread.start()
