@@ -1,7 +1,4 @@
 """workbench.chat.harmony: harmony rendering and the streaming channel parser, on small tokenizers built here."""
-import subprocess
-import sys
-
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -240,6 +237,48 @@ def test_render_errors(htok, ptok):
     assert isinstance(ChatError("x"), ValueError)
 
 
+def test_unknown_role_names_the_roles(htok, ptok):
+    for tokenizer in (htok, ptok):
+        with pytest.raises(ChatError, match="Message 1 has role 'robot'; the roles are system, developer, user, "
+                                            "assistant, tool"):
+            chat.render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "robot", "content": "beep"}])
+
+
+def test_reasoning_effort_errors_list_the_efforts(htok, ptok):
+    with pytest.raises(ChatError, match=r"needs a harmony model \(gpt-oss\), where it is one of low, medium, high"):
+        chat.render(ptok, "Hi", reasoning_effort="ultra")
+    with pytest.raises(ChatError, match="must be one of low, medium, high, got 'ultra'"):
+        chat.render(htok, "Hi", reasoning_effort="ultra")
+
+
+def test_a_template_that_cannot_render_a_tool_result(ptok):
+    result = [{"role": "user", "content": "Weather?"},
+              {"role": "assistant", "content": "Let me look.", "tool_calls": [{"name": "w", "arguments": {}}]},
+              {"role": "tool", "content": "sunny"}]
+    skips = ptok.chat_template.replace("{% for m in messages %}", "{% for m in messages if m.role != 'tool' %}")
+    ptok.chat_template, template = skips, ptok.chat_template
+    try:
+        with pytest.raises(ChatError, match="does not render tool results: message 2 .*user message"):
+            chat.render(ptok, result)
+        ptok.chat_template = "{{ raise_exception('this model has no tool role') }}"
+        with pytest.raises(ChatError, match="The chat template could not render this conversation: this model has "
+                                            "no tool role"):
+            chat.render(ptok, result)
+    finally:
+        ptok.chat_template = template
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather."}}]
+    with pytest.raises(ChatError, match="does not declare tools: 'get_weather'"):
+        chat.render(ptok, "Hi", tools=tools)  # this ChatML template ignores tools
+
+
+def test_harmony_developer_messages_come_first(htok):
+    with pytest.raises(ChatError, match=r"Message 1 \(system\) comes after the conversation started"):
+        chat.render(htok, [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Late."}])
+    ids = chat.render(htok, [{"role": "system", "content": "A"}, {"role": "developer", "content": "B"},
+                             {"role": "user", "content": "C"}], developer="D")
+    assert "<|start|>developer<|message|>D\n\nA\n\nB<|end|>" in htok.decode(ids)
+
+
 def test_as_messages():
     assert chat.as_messages("Hi") == [{"role": "user", "content": "Hi"}]
     msgs = [{"role": "user", "content": "Hi"},
@@ -251,51 +290,75 @@ def test_as_messages():
 
 # --- agreement with the official harmony library and the real gpt-oss template ------------------
 
-def test_agrees_with_openai_harmony():
-    oh = pytest.importorskip("openai_harmony")
-    # It downloads its vocabulary at run time (offline this fails). Try in a subprocess first so a
-    # network that hangs costs at most a few seconds; a success leaves the vocabulary cached.
-    load = ("from openai_harmony import load_harmony_encoding as l, HarmonyEncodingName as N; "
-            "l(N.HARMONY_GPT_OSS)")
-    try:
-        r = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=30)
-        reason = r.stderr.strip().splitlines()[-1] if r.returncode else None
-    except subprocess.TimeoutExpired:
-        reason = "timed out after 30 s"
-    if reason:
-        pytest.skip(f"openai_harmony could not load its vocabulary: {reason}")
-    enc = oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
-    Message, Role = oh.Message, oh.Role
-    completion = [
-        Message.from_role_and_content(Role.ASSISTANT, "The user wants weather. héllo 🙂").with_channel("analysis"),
-        Message.from_role_and_content(Role.ASSISTANT, '{"city": "Paris"}').with_channel("commentary")
-        .with_recipient("functions.get_weather").with_content_type("<|constrain|>json"),
-    ]
-    ids = []
-    for m in completion:
-        ids += enc.render(m)
-    # The prompt ends with "<|start|>assistant": drop those tokens from the completion, as generation does.
+@pytest.fixture(scope="module")
+def o200k_pair():
+    """gpt-oss's tokenizer and openai-harmony's encoding, both from the offline vocabulary (never skipped)."""
+    from workbench.fixtures import o200k
+
+    return o200k.o200k_harmony_tokenizer(), o200k.harmony_encoding()
+
+
+def _harmony_completions(oh, enc):
+    """Completions as openai-harmony renders them (after the prompt's "<|start|>assistant"), and one spelling
+    the model may write itself (recipient after the channel)."""
+    A = oh.Role.ASSISTANT
+    thinking = oh.Message.from_role_and_content(A, "The user wants weather. héllo 🙂 𝔘𝔫𝔦 🧑‍🔬 日本").with_channel("analysis")
+    call = (oh.Message.from_role_and_content(A, '{"city": "Zürich 🏔", "days": 2}').with_channel("commentary")
+            .with_recipient("functions.get_weather").with_content_type("<|constrain|>json"))
+    final = oh.Message.from_role_and_content(A, "It is sunny ☀️ in Zürich, 21 °C.").with_channel("final")
     start = enc.encode("<|start|>assistant", allowed_special="all")
-    assert ids[:len(start)] == start
-    ids = ids[len(start):]
-    ids[-1] = enc.encode("<|call|>", allowed_special="all")[0]
 
-    class Codec:
-        special_ids = {t: enc.encode(t, allowed_special="all")[0] for t in chat.HARMONY_TOKENS}
+    def completion(*messages, end):
+        ids = [t for m in messages for t in enc.render(m)]
+        assert ids[:len(start)] == start
+        return ids[len(start):-1] + enc.encode(end, allowed_special="all")
 
-        def decode(self, token_ids):
-            return enc.decode_utf8(token_ids)
-    p = chat.HarmonyStreamParser(Codec())
-    for t in ids:
-        p.feed(t)
-    p.finish()
-    official = enc.parse_messages_from_completion_tokens(ids, Role.ASSISTANT)
-    assert len(p.messages) == len(official)
-    for ours, theirs in zip(p.messages, official):
-        assert ours["role"] == theirs.author.role.value
-        assert ours["channel"] == theirs.channel
-        assert ours["recipient"] == theirs.recipient
-        assert ours["content"] == "".join(c.text for c in theirs.content)
+    return {
+        "tool call": completion(thinking, call, end="<|call|>"),
+        "answer": completion(thinking, final, end="<|return|>"),
+        "recipient after the channel": enc.encode(
+            "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Z\u00fcrich\"}"
+            "<|call|>", allowed_special="all"),
+    }
+
+
+def _state(parser):
+    """Finished messages and the text of the one streaming now, in openai-harmony's terms."""
+    done = [(m["role"], m["channel"], m["recipient"], m["content_type"], m["content"]) for m in parser.messages]
+    return done, parser.message["content"] if parser.message is not None else ""
+
+
+def _official_state(oh_parser):
+    done = [(m.author.role.value, m.channel, m.recipient,
+             m.content_type.removeprefix("<|constrain|>") if m.content_type else None,  # ours: "json"
+             "".join(c.text for c in m.content)) for m in oh_parser.messages]
+    return done, oh_parser.current_content
+
+
+@pytest.mark.parametrize("name", ["tool call", "answer", "recipient after the channel"])
+def test_streaming_agrees_with_openai_harmony_at_every_token(o200k_pair, name):
+    """Our parser on gpt-oss's tokenizer against StreamableParser(encoding, Role.ASSISTANT), token by token."""
+    import openai_harmony as oh  # a test dependency ([harmony] extra): never skipped
+    tok, enc = o200k_pair
+    ids = _harmony_completions(oh, enc)[name]
+    pieces = [enc.decode([t]) for t in ids]
+    if name != "recipient after the channel":  # characters split across tokens, so the hold-back is exercised
+        assert sum("\ufffd" in p for p in pieces) >= 6
+    ours, official = chat.make_parser(tok), oh.StreamableParser(enc, oh.Role.ASSISTANT)
+    deltas = []
+    for k, t in enumerate(ids):
+        deltas += ours.feed(t)
+        official.process(t)
+        assert _state(ours) == _official_state(official), (k, pieces[k])
+    assert ours.done
+    deltas += ours.finish()
+    assert _joined(deltas) == ours.channels
+    whole = enc.parse_messages_from_completion_tokens(ids, oh.Role.ASSISTANT)
+    assert [m[4] for m in _state(ours)[0]] == ["".join(c.text for c in m.content) for m in whole]
+    # Cut at every position: the stream so far is what a one-shot parse of the prefix says.
+    for cut in range(len(ids) + 1):
+        p, got = _stream(tok, ids[:cut])
+        assert _joined(got) == chat.parse(tok, ids[:cut]).channels == p.channels, cut
 
 
 def _fixture_tokenizer(harmony):

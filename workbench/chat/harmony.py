@@ -3,19 +3,21 @@
 gpt-oss speaks *harmony*: ``<|start|>{role}<|channel|>{channel}<|message|>{content}<|end|>``; a completion
 ends with ``<|return|>`` (final answer) or ``<|call|>`` (tool call). Generation starts after the prompt's
 ``<|start|>assistant``, so a completion's first header begins with ``<|channel|>`` directly.
-Other models get a plain parser that labels everything "final".
+Other models get a plain parser that labels everything "final". `render(..., renderer="harmony")` renders with
+openai-harmony itself (workbench.chat.reference) instead of the template.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from workbench.chat.messages import (REASONING_EFFORTS, ROLES, as_messages, check_reasoning_effort,  # noqa: F401
+                                     leading_instructions)
 from workbench.errors import ChatError
 
-
 HARMONY_TOKENS = ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>")
-REASONING_EFFORTS = ("low", "medium", "high")
 
 
 @dataclasses.dataclass
@@ -80,13 +82,14 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
 class _Detok:
     """Decode a growing id list piece by piece, emitting only text that will not change.
 
-    Decodes a small window (a few already-emitted tokens for context + the new ones) so cost stays
-    bounded; holds everything back while the text ends in U+FFFD (an incomplete UTF-8 character).
+    Decodes a window (a few already-emitted tokens for context + the new ones) so cost stays bounded.
+    Text ending in U+FFFD is an incomplete UTF-8 character: what comes before it is emitted, its bytes
+    are held back until the character is whole (as openai-harmony's StreamableParser does).
     """
 
     def __init__(self, decode):
         self.decode, self.ids = decode, []
-        self.prefix, self.read = 0, 0  # window start; end of already-emitted tokens
+        self.prefix, self.emitted = 0, 0  # window start; characters of decode(window) already emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -96,14 +99,15 @@ class _Detok:
         return self._step(force=True)
 
     def _step(self, force: bool) -> str:
-        if self.read == len(self.ids):
-            return ""
-        done_text = self.decode(self.ids[self.prefix:self.read])
         text = self.decode(self.ids[self.prefix:])
-        if not force and (text.endswith("\ufffd") or len(text) <= len(done_text)):
+        stable = text if force else text.rstrip("\ufffd")
+        if len(stable) <= self.emitted:
             return ""
-        self.prefix, self.read = max(self.read - 4, 0), len(self.ids)  # keep a little context
-        return text[len(done_text):]
+        out, self.emitted = stable[self.emitted:], len(stable)
+        if stable == text:  # nothing held back: slide the window, keeping a little context
+            self.prefix = max(len(self.ids) - 4, 0)
+            self.emitted = len(self.decode(self.ids[self.prefix:]))
+        return out
 
 
 # --- harmony -----------------------------------------------------------------------------------
@@ -297,64 +301,129 @@ def parse(tokenizer, token_ids) -> StreamParser:
 
 # --- rendering ---------------------------------------------------------------------------------
 
-def as_messages(prompt) -> list[dict]:
-    """A string becomes one user message; a list of {"role", "content"} dicts is checked and copied."""
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, Mapping) or not isinstance(prompt, (list, tuple)):
-        raise ChatError(f"Expected a prompt string or a list of messages like [{{'role': 'user', "
-                        f"'content': '...'}}], got {type(prompt).__name__}.")
-    out = []
-    for i, m in enumerate(prompt):
-        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
-            raise ChatError(f"Message {i} must be a dict with a string 'role' (and 'content'), got {m!r:.80}.")
-        has_calls = bool(m.get("tool_calls"))
-        if not isinstance(m.get("content"), str) and not (has_calls and m.get("content") is None):
-            raise ChatError(f"Message {i} ({m['role']}) needs a string 'content', got {m.get('content')!r:.80}.")
-        out.append(dict(m))
-    if not out:
-        raise ChatError("The message list is empty: give at least one message.")
-    return out
+RENDERERS = ("template", "harmony")
 
 
-def render(tokenizer, messages, *, reasoning_effort=None, system=None, developer=None,
-           add_generation_prompt=True) -> list[int]:
-    """Token ids of a conversation, through the tokenizer's own chat template.
+def decode(tokenizer, ids) -> str:
+    """The exact text of token ids, control tokens included."""
+    return _decoder(tokenizer)(list(ids))
 
-    Harmony: `system` sets the template's model identity line, `developer` becomes the developer message,
-    `reasoning_effort` is low/medium/high. Plain models: `system` and `developer` merge into one system message.
+
+_CONTROL_TEXT = re.compile(r"<\|[^|<>\s]+\|>")
+
+
+def _check_no_control_text(tokenizer, messages, developer, system) -> None:
+    """Refuse text that the template path would turn into control tokens, where openai-harmony keeps text.
+
+    The template's output is tokenized as one string, so "<|end|>" inside a message becomes the control token.
+    """
+    fields = [("developer", developer), ("system", system)]
+    for i, m in enumerate(messages):
+        fields += [(f"message {i} ({m['role']})", m.get(key)) for key in ("content", "thinking")]
+    for where, text in fields:
+        for token in _CONTROL_TEXT.findall(text) if isinstance(text, str) else ():
+            if _token_id(tokenizer, token) is not None:
+                raise ChatError(f"The {where} contains {token!r}, which the chat template would turn into a control "
+                                f"token (openai-harmony encodes it as text). Remove it, or pass renderer='harmony' "
+                                f"to render it as text.")
+
+
+def render(tokenizer, messages, *, reasoning_effort=None, system=None, developer=None, tools=None,
+           add_generation_prompt=True, renderer=None) -> list[int]:
+    """Token ids of a conversation, through the tokenizer's own chat template (or openai-harmony).
+
+    Harmony: `system` sets the model identity line, `developer` (plus any leading system/developer messages)
+    becomes the developer instructions, `reasoning_effort` is low/medium/high, `tools` are JSON-schema tool
+    declarations ({"type": "function", "function": {"name", "description", "parameters"}}).
+    Plain models: `system` and `developer` merge into one system message.
+    `renderer="harmony"` renders with openai-harmony itself (gpt-oss's vocabulary only); see chat.reference.
+    Without a generation prompt, a trailing assistant turn is rendered as the model wrote it.
     """
     messages = as_messages(messages)
+    if renderer not in (None, *RENDERERS):
+        raise ChatError(f"renderer must be one of {', '.join(RENDERERS)} (default: template), got {renderer!r}.")
+    harmony = is_harmony(tokenizer)
+    check_reasoning_effort(reasoning_effort, harmony)
+    options = dict(reasoning_effort=reasoning_effort, system=system, developer=developer, tools=tools,
+                   add_generation_prompt=add_generation_prompt)
+    if renderer == "harmony":
+        return _render_with_openai_harmony(tokenizer, messages, **options)
+    return _render_template(tokenizer, messages, harmony, **options)
+
+
+def _render_template(tokenizer, messages, harmony, *, reasoning_effort, system, developer, tools,
+                     add_generation_prompt, complete=True) -> list[int]:
+    """The template path of render(); `complete=False` skips the check that nothing was left out."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise ChatError("This tokenizer has no chat template: render the prompt yourself and pass its "
                         "token ids instead of messages.")
+    given = messages  # as the caller wrote them: error messages count from these
     kwargs: dict[str, Any] = {}
-    if is_harmony(tokenizer):
+    if harmony:
+        instructions, messages = leading_instructions(messages, developer)
+        _check_no_control_text(tokenizer, given, developer, system)
+        if instructions is not None:
+            messages = [{"role": "developer", "content": instructions}] + messages
         if reasoning_effort is not None:
-            if reasoning_effort not in REASONING_EFFORTS:
-                raise ChatError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, "
-                                f"got {reasoning_effort!r}.")
             kwargs["reasoning_effort"] = reasoning_effort
         if system is not None:
             kwargs["model_identity"] = system
-        if developer is not None:
-            # The harmony template reads instructions only from the first system/developer message.
-            if messages[0]["role"] in ("system", "developer"):
-                developer = developer + "\n\n" + messages.pop(0)["content"]
-            messages.insert(0, {"role": "developer", "content": developer})
     else:
-        if reasoning_effort is not None:
-            raise ChatError(f"reasoning_effort={reasoning_effort!r} needs a harmony model (gpt-oss); "
-                            f"this model does not use harmony. Leave reasoning_effort unset.")
         text = "\n\n".join(s for s in (system, developer) if s)
         if text:
-            messages.insert(0, {"role": "system", "content": text})
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                        tokenize=True, **kwargs)
+            messages = [{"role": "system", "content": text}] + messages
+    try:
+        ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                            tokenize=True, **kwargs)
+    except Exception as err:  # a template is code from the checkpoint: whatever it raises, say where it came from
+        raise ChatError(f"The chat template could not render this conversation: {err}") from err
     if isinstance(ids, Mapping) or hasattr(ids, "input_ids"):  # transformers 5 may return a BatchEncoding
         ids = ids["input_ids"]
     if hasattr(ids, "tolist"):
         ids = ids.tolist()
     if ids and isinstance(ids[0], (list, tuple)):  # a batch of one
         ids = ids[0]
-    return [int(i) for i in ids]
+    ids = [int(i) for i in ids]
+    if complete:
+        _check_rendered(tokenizer, ids, given, tools)
+    return ids
+
+
+def _check_rendered(tokenizer, ids, messages, tools) -> None:
+    """Templates skip what they do not know (tool results, tool declarations) without a word: say so."""
+    results = [(i, m) for i, m in enumerate(messages) if m["role"] == "tool"]
+    if not results and not tools:
+        return
+    text = decode(tokenizer, ids)
+    for i, m in results:
+        if m["content"].strip() not in text:
+            raise ChatError(f"This model's chat template does not render tool results: message {i} (tool) is "
+                            f"missing from the prompt. Put the result in a user message, or render the prompt "
+                            f"yourself and pass token ids.")
+    for tool in tools or ():
+        name = tool.get("function", tool).get("name") if isinstance(tool, Mapping) else getattr(tool, "__name__", None)
+        if name and name not in text:
+            raise ChatError(f"This model's chat template does not declare tools: {name!r} is missing from the "
+                            f"prompt. Describe the tool in a system message instead.")
+
+
+_PROBE_TEXT = "Hello, world! 日本語 🙂  code:\n\tx = 3.14"
+
+
+def same_vocabulary(tokenizer) -> bool:
+    """True when the tokenizer's ids are o200k_harmony's (gpt-oss's): openai-harmony's ids mean the same to it."""
+    from workbench.chat import reference
+
+    encoding = reference.library()[1]
+    specials = all(_token_id(tokenizer, t) == encoding.encode(t, allowed_special="all")[0] for t in HARMONY_TOKENS)
+    return specials and tokenizer.encode(_PROBE_TEXT, add_special_tokens=False) == encoding.encode(_PROBE_TEXT)
+
+
+def _render_with_openai_harmony(tokenizer, messages, **kwargs) -> list[int]:
+    from workbench.chat import reference
+
+    if not (is_harmony(tokenizer) and same_vocabulary(tokenizer)):
+        raise ChatError("renderer='harmony' gives gpt-oss's o200k_harmony token ids, and this tokenizer's "
+                        "vocabulary is different: the ids would mean other tokens to this model. Leave renderer "
+                        "unset to use the model's own chat template.")
+    return reference.render_harmony(messages, **kwargs)
