@@ -71,3 +71,11 @@ class PresetComparisonError(WorkbenchError, ValueError):
 
 class ViewError(CaptureError):
     """A view asked for something its trace does not hold (a layer not captured, a dense model's routing)."""
+
+
+class PatchingError(WorkbenchError, ValueError):
+    """An activation-patching request that cannot work: unknown site kind, prompts of different lengths, bad metric."""
+
+
+class PatchingBudgetError(CaptureBudgetError):
+    """Activation patching would cache more than its budget; the message names cheaper requests."""

@@ -268,6 +268,19 @@ class Session:
 
         return widget(self, **defaults)
 
+    def patch(self, clean, corrupt, *, at: str = "residual", metric=None, answers=None, layers=None,
+              batch_size: int = 8, budget="2GB", dry_run: bool = False):
+        """Activation patching: the corrupt run with each site (layer x position/head/expert) set to its clean
+        value, one metric per site. dry_run=True returns the cost (forwards, bytes) without running.
+        See workbench/intervene/patching.py."""
+        from workbench.intervene import patching
+        from workbench.views.patching import patching_heatmap
+
+        with self.exclusive("patching"):
+            return patching.patch(self.model, self.tokenizer, self.adapter, clean, corrupt, at=at, metric=metric,
+                                  answers=answers, layers=layers, batch_size=batch_size, budget=budget,
+                                  dry_run=dry_run, figure=patching_heatmap)
+
     def __repr__(self) -> str:
         return f"Session({self.report.model!r}, preset={self.report.preset!r}, adapter={self.adapter.family!r})"
 

@@ -21,7 +21,8 @@ from workbench.views.flow import coactivation, expert_flow
 from workbench.views.heads import head_grid, sink_mass
 from workbench.views.labels import token_labels, visible
 from workbench.views.lens import logit_lens_grid
+from workbench.views.patching import patching_heatmap
 from workbench.views.routing import expert_heatmap, expert_load, routing_entropy
 
 __all__ = ["attention_heatmap", "head_grid", "sink_mass", "expert_heatmap", "expert_load", "expert_flow",
-           "coactivation", "routing_entropy", "logit_lens_grid", "token_labels", "visible"]
+           "coactivation", "routing_entropy", "logit_lens_grid", "patching_heatmap", "token_labels", "visible"]
