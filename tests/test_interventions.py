@@ -269,7 +269,7 @@ def test_routing_interventions_where_the_router_module_is_never_called():
 
 
 def test_mxfp4_preset():
-    """The mxfp4 fixture on this CPU (transformers dequantizes it to the plain path)."""
+    """The mxfp4 fixture on this CPU (the packed path: transformers' MLP and router, packed experts)."""
     s = session("gpt_oss", "mxfp4")
     x = ids(s)
     before = logits(s, x)

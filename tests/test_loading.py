@@ -52,14 +52,15 @@ def test_cpu_preset_gives_exactly_the_checkpoint(tiny_checkpoint, family):
         assert torch.equal(s.model(_ids(s)).logits, direct(_ids(s)).logits)
 
 
-def test_mxfp4_checkpoint_on_cpu_reports_the_bf16_fallback(tiny_checkpoint):
+def test_mxfp4_checkpoint_on_cpu_keeps_the_experts_packed_and_says_so(tiny_checkpoint):
+    # No native kernels here: the workbench's packed path (tests/test_mxfp4_packed.py), not transformers' bf16 fallback
     s = wb.load(str(tiny_checkpoint("gpt_oss", mxfp4=True)), preset="mxfp4")
     r = s.report
-    assert r.requested_quantization == "mxfp4" and r.actual_quantization is None
-    assert r.fallback.startswith("mxfp4 -> bf16") and "CUDA" in r.fallback
-    assert set(r.dtypes_by_group["experts"]) == {"bfloat16"}
+    assert r.requested_quantization == "mxfp4" and r.actual_quantization == "mxfp4" and r.fallback is None
+    assert r.mxfp4_path == "packed (workbench)" and any("CUDA" in n for n in r.notes)
+    assert set(r.dtypes_by_group["experts"]) == {"uint8 (packed 4-bit)", "bfloat16"}  # blocks/scales, biases
     assert r.attn_implementation == "eager"  # gpt-oss sinks: SDPA unsupported
-    assert "mxfp4 -> bf16" in str(r)
+    assert "packed (workbench)" in str(r)
 
 
 def test_mxfp4_checkpoint_under_bf16_preset_equals_transformers_dequantizer(tiny_checkpoint):

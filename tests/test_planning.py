@@ -77,10 +77,11 @@ def test_gpt_oss_20b_sizes_match_published_numbers():
     assert abs(mxfp4.total_bytes - 13.8 * GB) < 0.10 * 13.8 * GB  # 12.8 GiB published
     assert abs(bf16.total_bytes - 41.8 * GB) < 0.10 * 41.8 * GB
     assert mxfp4.quantized_groups == ("experts",)
-    # Without a GPU transformers dequantizes to bf16: the plan shows both sizes and checks the real one.
-    assert mxfp4.fallback and "bf16" in mxfp4.fallback
-    assert mxfp4.fallback_bytes == bf16.total_bytes == mxfp4.load_bytes
-    assert "dequantized" in str(mxfp4)
+    # Without a GPU transformers alone would dequantize to bf16; the workbench keeps the experts packed. The plan
+    # checks the packed numbers and shows what transformers would need.
+    assert mxfp4.mxfp4_path == "packed (workbench)" and mxfp4.fallback is None
+    assert mxfp4.load_bytes == mxfp4.total_bytes and mxfp4.dequantized_bytes == bf16.total_bytes
+    assert "would dequantize them to bf16: 41.83 GB" in str(mxfp4)
 
 
 @pytest.mark.parametrize("preset", ["int8", "nf4"])
@@ -148,12 +149,16 @@ def test_auto_picks_native_mxfp4_on_a_big_gpu(monkeypatch):
     assert p.notes[0].startswith("auto chose 'mxfp4'")
 
 
-def test_auto_takes_bf16_when_mxfp4_would_be_dequantized(monkeypatch):
+def test_auto_takes_bf16_when_native_mxfp4_is_missing_and_bf16_fits(monkeypatch):
     monkeypatch.setattr(hardware, "mxfp4_unavailable_reason", lambda: "triton >= 3.4 is needed")
     assert planning.choose_auto(GPT_OSS, devices=[gpu(80), cpu(64), disk()])[0] == "bf16"
     p = planning.plan(GPT_OSS, "mxfp4", devices=[gpu(80), cpu(64), disk()])
-    assert p.fallback == "triton >= 3.4 is needed" and p.need_bytes > p.fallback_bytes > 3 * p.total_bytes - 2 * GB
-    assert planning.choose_auto(GPT_OSS, devices=[gpu(24), cpu(32), disk()])[0] == "offload"
+    assert p.mxfp4_path == "packed (workbench)" and p.fallback is None
+    assert "triton >= 3.4 is needed" in " ".join(p.notes) and p.dequantized_bytes > 3 * p.total_bytes - 2 * GB
+    # bf16 does not fit in 24 GB: the packed path does (13.8 GB + 6.4 GB of eager attention at 4,096 tokens)
+    preset, reason = planning.choose_auto(GPT_OSS, devices=[gpu(24), cpu(32), disk()])
+    assert preset == "mxfp4" and "packed" in reason
+    assert planning.choose_auto(GPT_OSS, devices=[gpu(16), cpu(32), disk()])[0] == "offload"
 
 
 def test_auto_falls_back_to_8bit_then_offload_on_a_gpu():

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from workbench.model import hardware, memory, planning, sources
+from workbench.model import hardware, memory, mxfp4_packed, planning, sources
 from workbench.model.adapters import adapter_for
 from workbench.model.presets import Preset, get_preset
 from workbench.model.report import (
@@ -19,6 +19,7 @@ from workbench.model.report import (
     WarningCollector,
     actual_quantization,
     measure,
+    mxfp4_path,
 )
 
 
@@ -44,12 +45,16 @@ def load_model(
     trust_remote_code: bool = False,
     context_tokens: int = 4096,
     quantize_router: bool = False,
+    expert_cache: Any = None,
 ) -> LoadedModel:
     """Load a causal LM (hub id, local folder or .gguf file) with a named preset.
 
     Checks the preset and the memory plan before any weight is read, so an impossible request fails
     fast with a message that says what would work. Under int8/nf4, routers and gates stay unquantized
-    (quantizing them changes which experts run) unless `quantize_router=True`.
+    (quantizing them changes which experts run) unless `quantize_router=True`. Preset "mxfp4" on a gpt-oss
+    MXFP4 checkpoint runs transformers' native kernels where they work, else the workbench's packed path
+    (workbench/model/mxfp4_packed.py), with an optional cache of dequantized experts (`expert_cache="2GB"`);
+    preset "bf16" gives transformers' own dequantize-everything model.
     """
     source = sources.resolve(model, trust_remote_code=trust_remote_code)
     adapter, adapter_note = adapter_for(source.config)
@@ -57,7 +62,8 @@ def load_model(
     if preset == "auto":
         preset, auto_reason = planning.choose_auto(source, context_tokens=context_tokens)
     row = get_preset(preset)
-    memory_plan = planning.plan(source, preset, context_tokens=context_tokens, quantize_router=quantize_router)
+    memory_plan = planning.plan(source, preset, context_tokens=context_tokens, quantize_router=quantize_router,
+                                expert_cache=expert_cache)
     memory_plan.require_loadable()
     if check_fit:
         memory_plan.require_fit()
@@ -74,7 +80,11 @@ def load_model(
     with WarningCollector() as warnings:
         tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file,
                                                   trust_remote_code=trust_remote_code)
-        loaded = AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
+        if memory_plan.mxfp4_path == mxfp4_packed.PATH_PACKED:  # no native kernels: keep the experts packed
+            loaded = mxfp4_packed.from_pretrained(source.path or source.name, source.config,
+                                                  expert_cache_bytes=memory_plan.expert_cache_bytes, **kwargs)
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
     loaded.eval()
     seconds = time.perf_counter() - start
 
@@ -98,6 +108,8 @@ def load_model(
         load_seconds=seconds,
         notes=notes,
         transformers_warnings=warnings.messages,
+        mxfp4_path=mxfp4_path(loaded, sources.is_mxfp4_checkpoint(source.config)),
+        expert_cache_bytes=memory_plan.expert_cache_bytes,
     )
     return LoadedModel(model=loaded, tokenizer=tokenizer, adapter=adapter, report=report, plan=memory_plan,
                        source=source)

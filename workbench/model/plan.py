@@ -46,6 +46,11 @@ class Plan:
     # quantize bf16 weights): planning for a machine you will rent still works; load() refuses with the reason.
     loadable_here: bool = True
     not_loadable_reason: str = ""
+    # MXFP4 checkpoints: how the experts run here ("native kernels", "packed (workbench)", "dequantized"), the
+    # packed path's expert cache budget, and what transformers alone would load where kernels are missing.
+    mxfp4_path: str | None = None
+    expert_cache_bytes: int = 0
+    dequantized_bytes: int | None = None
 
     @property
     def total_params(self) -> int:
@@ -58,8 +63,8 @@ class Plan:
 
     @property
     def need_bytes(self) -> int:
-        """Weights as loaded here + KV cache + activations + overhead margin."""
-        return self.load_bytes + self.kv_bytes + self.activation_bytes + self.overhead_bytes
+        """Weights as loaded here + KV cache + activations + overhead margin (+ the expert cache, if any)."""
+        return self.load_bytes + self.kv_bytes + self.activation_bytes + self.overhead_bytes + self.expert_cache_bytes
 
     def require_loadable(self) -> Plan:
         """Return self when this machine can load the preset at all, else raise PresetError with the reason."""
@@ -76,7 +81,8 @@ class Plan:
             f"{self.model} with preset {self.preset!r} needs about {format_bytes(self.need_bytes)} on {self.target} "
             f"(weights {format_bytes(self.load_bytes)} + KV cache {format_bytes(self.kv_bytes)} for {self.context_tokens} tokens "
             f"x batch {self.batch_size} + activations {format_bytes(self.activation_bytes)} "
-            f"+ overhead {format_bytes(self.overhead_bytes)}) "
+            f"+ overhead {format_bytes(self.overhead_bytes)}"
+            + (f" + expert cache {format_bytes(self.expert_cache_bytes)}" if self.expert_cache_bytes else "") + ") "
             f"but only {format_bytes(free)} is free there.\n"
             "Try preset='offload' (accelerate spreads the weights over GPU, CPU RAM and disk; slow), a smaller preset "
             "(nf4 or int8; mxfp4 for gpt-oss on a GPU with native support), or fewer context_tokens. "
@@ -97,6 +103,12 @@ class Plan:
                  f"for {_count_str(self.total_params)} parameters"]
         if self.fallback:
             lines.append(f"here it loads dequantized instead: {format_bytes(self.fallback_bytes)} ({self.fallback})")
+        if self.dequantized_bytes is not None:
+            lines.append(f"experts: {self.mxfp4_path}; transformers alone (no native kernels) would dequantize them "
+                         f"to bf16: {format_bytes(self.dequantized_bytes)} (preset 'bf16' loads that)")
+        if self.expert_cache_bytes:
+            lines.append(f"expert cache (dequantized experts, least recently used evicted): up to "
+                         f"{format_bytes(self.expert_cache_bytes)}")
         lines += [
             f"KV cache: {format_bytes(self.kv_bytes_per_1k_tokens)} per 1k tokens; {format_bytes(self.kv_bytes)} for "
             f"{self.context_tokens} tokens x batch {self.batch_size}",
@@ -148,7 +160,8 @@ class PlanTable:
         return self.plans[preset]
 
     def _rows(self) -> list[tuple[str, str, str, str, str]]:
-        return [(name, format_bytes(p.total_bytes) + (f" ({format_bytes(p.fallback_bytes)} here)" if p.fallback else ""),
+        return [(name, format_bytes(p.total_bytes) + (f" ({format_bytes(p.fallback_bytes)} here)" if p.fallback else
+                                                      " (packed)" if p.dequantized_bytes is not None else ""),
                  format_bytes(p.need_bytes), p.target,
                  ("yes" if p.fits_target else "no") if p.loadable_here else "not loadable here")
                 for name, p in self.plans.items()]

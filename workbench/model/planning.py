@@ -12,8 +12,8 @@ import dataclasses
 from typing import Any
 
 from workbench.errors import ModelNotFoundError, PresetError
-from workbench.model import hardware, sources
-from workbench.model.adapters import adapter_for
+from workbench.model import hardware, mxfp4_packed, sources
+from workbench.model.adapters import adapter_for, text_config
 from workbench.model.memory import (  # noqa: F401 (re-exported)
     Param,
     activation_bytes,
@@ -23,6 +23,7 @@ from workbench.model.memory import (  # noqa: F401 (re-exported)
     param_bytes,
     skeleton,
 )
+from workbench.model.mxfp4_packed import PATH_DEQUANTIZED, PATH_NATIVE, PATH_PACKED
 from workbench.model.plan import (  # noqa: F401 (re-exported)
     GROUPS,
     OVERHEAD_FIXED_BYTES,
@@ -51,6 +52,7 @@ class _Context:
     batch_size: int
     trust_remote_code: bool
     quantize_router: bool = False
+    expert_cache: Any = None  # the packed mxfp4 path's cache budget as the user wrote it ("2GB"), or None
 
     @property
     def gpus(self) -> list[hardware.Device]:
@@ -58,11 +60,11 @@ class _Context:
 
 
 def _context(model: Any, context_tokens: int, batch_size: int, devices: list[hardware.Device] | None,
-             trust_remote_code: bool, quantize_router: bool = False) -> _Context:
+             trust_remote_code: bool, quantize_router: bool = False, expert_cache: Any = None) -> _Context:
     source = _resolve_for_planning(model, trust_remote_code)
     params = skeleton(source.config, trust_remote_code)
     return _Context(source, params, list(devices) if devices is not None else hardware.devices(),
-                    context_tokens, batch_size, trust_remote_code, quantize_router)
+                    context_tokens, batch_size, trust_remote_code, quantize_router, expert_cache)
 
 
 def _resolve_for_planning(model: Any, trust_remote_code: bool) -> sources.Source:
@@ -97,8 +99,8 @@ def _check_possible(ctx: _Context, preset: Preset) -> list[str]:
                 f"preset {preset.name!r} (bitsandbytes) cannot load {ctx.source.name}: "
                 "its checkpoint is stored in MXFP4 "
                 "and transformers refuses a second quantization config (\"The model is quantized with Mxfp4Config but "
-                "you are passing a BitsAndBytesConfig config\"). Use preset 'mxfp4' (dequantized to bf16 without "
-                "native kernels), 'bf16', or a bf16 copy of the weights (e.g. a *-BF16 repository) with int8/nf4 — "
+                "you are passing a BitsAndBytesConfig config\"). Use preset 'mxfp4' (the experts stay MXFP4: native "
+                "kernels, or the workbench's packed path without them), 'bf16', or a bf16 copy of the weights (e.g. a *-BF16 repository) with int8/nf4 — "
                 "where the experts still stay bf16, since bitsandbytes converts nn.Linear modules only."
             )
         if method is not None:
@@ -137,19 +139,35 @@ def _working_presets(ctx: _Context) -> list[str]:
 
 
 def _mxfp4_fallback(ctx: _Context) -> str | None:
-    """Why mxfp4 would be dequantized to bf16 on these devices, or None when it runs natively."""
+    """Why native mxfp4 kernels cannot run on these devices (transformers alone would dequantize to bf16),
+    or None when they can."""
     if not ctx.gpus:
-        return "no CUDA GPU: transformers dequantizes the mxfp4 experts to bf16 (about 3x the memory)"
+        return "no CUDA GPU (native mxfp4 kernels need one of compute capability >= 7.5)"
     return hardware.mxfp4_unavailable_reason()
 
 
-def _count_bytes(ctx: _Context, preset: Preset) -> tuple[dict[str, int], dict[str, int], tuple[str, ...]]:
+def _mxfp4_path(ctx: _Context, preset: Preset) -> str | None:
+    """How the experts of an MXFP4 checkpoint run under `preset` here: native kernels, packed (the workbench's
+    path where kernels are missing) or dequantized (every non-mxfp4 preset); None for other checkpoints
+    (mxfp4 on bf16 weights: native where it can load at all)."""
+    mxfp4_checkpoint = sources.is_mxfp4_checkpoint(ctx.source.config)
+    if preset.quantization != "mxfp4":
+        return PATH_DEQUANTIZED if mxfp4_checkpoint else None
+    if _mxfp4_fallback(ctx) is None:
+        return PATH_NATIVE
+    return PATH_PACKED if mxfp4_checkpoint else None
+
+
+def _count_bytes(ctx: _Context, preset: Preset, packed: bool = False
+                 ) -> tuple[dict[str, int], dict[str, int], tuple[str, ...]]:
     """(params per group, bytes per group, groups the preset really quantizes) for this model."""
     params_by_group = dict.fromkeys(GROUPS, 0)
     bytes_by_group = dict.fromkeys(GROUPS, 0.0)
     quantized = set()
     for p in ctx.params:
         nbytes, was_quantized = param_bytes(p, preset, ctx.quantize_router)
+        if packed and p.group == "experts" and p.kind != "expert3d":
+            nbytes = p.numel * dtype_bytes(preset)  # the packed path keeps the expert biases as stored (bf16)
         params_by_group[p.group] += p.numel
         bytes_by_group[p.group] += nbytes
         if was_quantized:
@@ -164,10 +182,17 @@ def _make_plan(ctx: _Context, preset: Preset) -> Plan:
     not_loadable = _not_loadable_here(ctx, preset, fallback)
     if not_loadable:
         fallback = None  # it would quantize natively where it can load at all: plan those numbers
-    params_by_group, bytes_by_group, quantized = _count_bytes(ctx, preset)
+    path = _mxfp4_path(ctx, preset)
+    packed = path == PATH_PACKED
+    value_bytes = dtype_bytes(preset)
+    cache_bytes = _expert_cache_bytes(ctx, path, value_bytes)
+    if packed:  # no fallback: the experts stay packed, the workbench dequantizes the chosen ones per forward
+        notes.append(f"native mxfp4 kernels are unavailable here ({fallback}): the workbench keeps the experts in "
+                     "MXFP4 and dequantizes only the experts each forward chooses (packed path)")
+        fallback = None
+    params_by_group, bytes_by_group, quantized = _count_bytes(ctx, preset, packed)
     total = sum(bytes_by_group.values())
     bf16_total = 2 * sum(params_by_group.values())  # what a dequantizing fallback allocates
-    value_bytes = dtype_bytes(preset)
     plan = Plan(
         model=ctx.source.name, preset=preset.name, source_note=ctx.source.note,
         dtype=str(preset.dtype).replace("torch.", ""),
@@ -176,18 +201,33 @@ def _make_plan(ctx: _Context, preset: Preset) -> Plan:
         kv_bytes_per_1k_tokens=kv_cache_bytes(config, KV_REFERENCE_TOKENS, value_bytes),
         kv_bytes=kv_cache_bytes(config, ctx.context_tokens, value_bytes, ctx.batch_size),
         context_tokens=ctx.context_tokens, batch_size=ctx.batch_size,
-        activation_bytes=activation_bytes(config, ctx.context_tokens, value_bytes, ctx.batch_size),
+        activation_bytes=activation_bytes(config, ctx.context_tokens, value_bytes, ctx.batch_size)
+        + (mxfp4_packed.working_bytes(config, value_bytes) if packed else 0),
         overhead_bytes=int(OVERHEAD_FRACTION * (bf16_total if fallback else total)) + OVERHEAD_FIXED_BYTES,
         placement=preset.device, target="", fits={}, free_bytes={}, fits_target=False,
-        notes=notes + _quantization_notes(ctx, preset, params_by_group, set(quantized)),
+        notes=notes + _quantization_notes(ctx, preset, params_by_group, set(quantized), packed),
         loadable_here=not not_loadable, not_loadable_reason=not_loadable,
+        mxfp4_path=path, expert_cache_bytes=cache_bytes, dequantized_bytes=bf16_total if packed else None,
     )
     _place(plan, ctx)
     return plan
 
 
+def _expert_cache_bytes(ctx: _Context, path: str | None, value_bytes: int) -> int:
+    """The packed path's expert cache budget in bytes (0 without one); PresetError for a bad budget, or a budget
+    on a path that has no cache."""
+    if ctx.expert_cache is None:
+        return 0
+    if path != PATH_PACKED:
+        raise PresetError(
+            f"expert_cache={ctx.expert_cache!r} applies only to the packed mxfp4 path (preset 'mxfp4' on an MXFP4 "
+            f"gpt-oss checkpoint where native kernels are missing); here the experts run "
+            f"{path or 'as plain weights'}: drop expert_cache=.")
+    return mxfp4_packed.parse_cache_budget(ctx.expert_cache, text_config(ctx.source.config), value_bytes)
+
+
 def _quantization_notes(ctx: _Context, preset: Preset, params_by_group: dict[str, int],
-                        quantized: set[str]) -> list[str]:
+                        quantized: set[str], packed: bool = False) -> list[str]:
     notes = []
     adapter, adapter_note = adapter_for(ctx.source.config)
     if adapter_note:
@@ -212,7 +252,8 @@ def _quantization_notes(ctx: _Context, preset: Preset, params_by_group: dict[str
                 "change which experts run")
     if preset.quantization == "mxfp4":
         notes.append("mxfp4 quantizes the experts' 3-D gate_up_proj/down_proj (17 bytes per 32 values); "
-                     "their biases stay float32, everything else bf16")
+                     + ("their biases and everything else stay bf16" if packed else
+                        "their biases stay float32, everything else bf16"))
     return notes
 
 
@@ -259,14 +300,15 @@ def offload_max_memory(devices: list[hardware.Device] | None = None) -> dict[int
 # ---- public entry points -----------------------------------------------------------------
 def plan(model: Any, preset: str = "auto", *, context_tokens: int = 4096, batch_size: int = 1,
          devices: list[hardware.Device] | None = None, trust_remote_code: bool = False,
-         quantize_router: bool = False) -> Plan:
+         quantize_router: bool = False, expert_cache: Any = None) -> Plan:
     """The memory plan of `model` (hub id, folder, .gguf path or config) under `preset`, from its config alone.
 
     Planning is arithmetic: it needs none of what loading needs. A preset this machine cannot load (e.g. nf4
-    without bitsandbytes) still gets its numbers, with `loadable_here=False` and the reason."""
+    without bitsandbytes) still gets its numbers, with `loadable_here=False` and the reason. `expert_cache`
+    ("2GB", bytes): the packed mxfp4 path's cache of dequantized experts, counted in what the plan needs."""
     if preset != "auto":
         get_preset(preset)  # an unknown name fails before any work
-    ctx = _context(model, context_tokens, batch_size, devices, trust_remote_code, quantize_router)
+    ctx = _context(model, context_tokens, batch_size, devices, trust_remote_code, quantize_router, expert_cache)
     if preset == "auto":
         chosen, reason = _choose(ctx)
         result = _make_plan(ctx, PRESETS[chosen])
@@ -311,13 +353,18 @@ def _choose(ctx: _Context) -> tuple[str, str]:
 
 def _choose_gpu(ctx: _Context) -> tuple[str, str]:
     gpu = ctx.gpus[0].name
+    packed = None
     if sources.is_mxfp4_checkpoint(ctx.source.config):
         p = _try(ctx, "mxfp4")
-        if p and not p.fallback and p.fits_target:
+        if p and p.mxfp4_path == PATH_NATIVE and p.fits_target:
             return "mxfp4", f"gpt-oss MXFP4 checkpoint with native mxfp4 support on {gpu}: {format_bytes(p.need_bytes)} fits"
+        packed = p if p and p.mxfp4_path == PATH_PACKED and p.fits_target else None
     p = _try(ctx, "bf16")
     if p and p.fits_target:
         return "bf16", f"bf16 fits on {gpu} ({format_bytes(p.need_bytes)} of {format_bytes(p.free_bytes[gpu])} free)"
+    if packed:
+        return "mxfp4", (f"bf16 does not fit on {gpu} and native mxfp4 kernels are missing; the packed mxfp4 path "
+                         f"fits ({format_bytes(packed.need_bytes)})")
     for name in BNB_PRESETS:
         q = _try(ctx, name)
         if q and q.fits_target:
@@ -334,4 +381,8 @@ def _choose_cpu(ctx: _Context) -> tuple[str, str]:
     p = _try(ctx, "bf16")
     if p and p.fits_target:
         return "bf16", f"no GPU; float32 would be tight, bf16 needs {format_bytes(p.need_bytes)} of {format_bytes(free)} free RAM"
+    p = _try(ctx, "mxfp4") if sources.is_mxfp4_checkpoint(ctx.source.config) else None
+    if p and p.mxfp4_path == PATH_PACKED and p.fits_target:
+        return "mxfp4", (f"no GPU and bf16 does not fit in {format_bytes(free)} of free RAM; the packed mxfp4 path "
+                         f"needs {format_bytes(p.need_bytes)}")
     return "offload", f"no GPU and bf16 does not fit in {format_bytes(free)} of free RAM: offloading to disk"

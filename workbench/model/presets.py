@@ -25,7 +25,8 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset("mxfp4", "gpt-oss experts kept in the checkpoint's MXFP4 (4.25 bits), the rest bf16; "
-               "native kernels need a CUDA GPU with compute capability >= 7.5, else transformers dequantizes to bf16",
+               "native kernels on a CUDA GPU with compute capability >= 7.5, else the workbench's packed path "
+               "(the chosen experts dequantized per forward; workbench/model/mxfp4_packed.py)",
                torch.bfloat16, quantization="mxfp4"),
         Preset("bf16", "every weight in bfloat16 on the GPU (or the CPU without one)", torch.bfloat16),
         Preset("int8", "bitsandbytes LLM.int8: nn.Linear weights in 8 bits; fused 3-D expert tensors stay bf16",

@@ -10,6 +10,12 @@ import torch
 from torch import nn
 
 from workbench.model.adapters import Adapter
+from workbench.model.mxfp4_packed import (
+    PATH_DEQUANTIZED,
+    PATH_NATIVE,
+    PATH_PACKED,
+    PackedMxfp4Experts,
+)
 from workbench.sizes import format_bytes
 
 
@@ -30,6 +36,8 @@ class LoadReport:
     load_seconds: float
     notes: list[str]
     transformers_warnings: list[str]
+    mxfp4_path: str | None = None  # MXFP4 checkpoints: "native kernels", "packed (workbench)" or "dequantized"
+    expert_cache_bytes: int = 0  # the packed path's cache budget (empty at load)
 
     @property
     def total_bytes(self) -> int:
@@ -48,6 +56,8 @@ class LoadReport:
             ("quantization asked", self.requested_quantization or "none"),
             ("quantization loaded", self.actual_quantization or "none"),
             ("fallback", self.fallback or "none"),
+            *([("mxfp4 experts", self.mxfp4_path + (f", expert cache up to {format_bytes(self.expert_cache_bytes)}"
+                                                    if self.expert_cache_bytes else ""))] if self.mxfp4_path else []),
             ("weights by group", dtypes),
             ("measured weights", f"{format_bytes(self.total_bytes)} ({placement}); plan said {format_bytes(self.planned_bytes)}"),
             ("attention", self.attn_implementation),
@@ -78,7 +88,7 @@ def _dtype_name(t: torch.Tensor) -> str:
     if cls == "Int8Params" or t.dtype == torch.int8:
         return "int8"
     if t.dtype == torch.uint8:
-        return "uint8 (packed 4-bit)"
+        return "uint8 (packed 4-bit)"  # MXFP4 blocks (two values a byte) and their E8M0 scales
     return str(t.dtype).removeprefix("torch.")
 
 
@@ -113,9 +123,19 @@ def actual_quantization(model: nn.Module) -> str | None:
             kinds.add("bnb-int8")
         elif cls == "Linear4bit":
             kinds.add("bnb-nf4")
-        elif cls.startswith("Mxfp4") and _holds_mxfp4(module):
+        elif isinstance(module, PackedMxfp4Experts) or (cls.startswith("Mxfp4") and _holds_mxfp4(module)):
             kinds.add("mxfp4")
     return "+".join(sorted(kinds)) or None
+
+
+def mxfp4_path(model: nn.Module, mxfp4_checkpoint: bool) -> str | None:
+    """How the experts of an MXFP4 checkpoint really run: native kernels, packed (workbench) or dequantized."""
+    for module in model.modules():
+        if isinstance(module, PackedMxfp4Experts):
+            return PATH_PACKED
+        if type(module).__name__.startswith("Mxfp4") and _holds_mxfp4(module):
+            return PATH_NATIVE
+    return PATH_DEQUANTIZED if mxfp4_checkpoint else None
 
 
 def _holds_mxfp4(module: nn.Module) -> bool:

@@ -1,0 +1,371 @@
+"""gpt-oss with its MXFP4 experts kept packed, where transformers' native mxfp4 kernels are missing.
+
+transformers keeps gpt-oss's experts (91% of its weights) in MXFP4 only with native kernels (a CUDA GPU of
+compute capability >= 7.5, triton >= 3.4, the `kernels` package and a hub download). Everywhere else it
+dequantizes every expert to bf16 at load: gpt-oss-20b grows from 13.8 GB to ~42 GB. This module keeps the
+checkpoint's bytes instead and dequantizes, in each forward, only the experts the tokens chose:
+
+- `PackedMxfp4Experts` replaces a layer's `mlp.experts` (transformers' `GptOssExperts`). Its parameters are
+  the checkpoint's own tensors under the checkpoint's own names (`gate_up_proj_blocks` uint8 [E, 2I, H/32, 16],
+  `gate_up_proj_scales` uint8 [E, 2I, H/32], `down_proj_blocks`, `down_proj_scales`, and the two biases), so
+  transformers' loader fills them as they are (no conversion), 4.25 bits a value.
+- Its forward takes GptOssExperts' arguments and returns what it returns. It mirrors transformers' default
+  experts implementation (`grouped_mm_experts_forward`: tokens sorted and grouped by expert, the two grouped
+  matmuls, bias, clamped SwiGLU, weighting, sum over the top-k) line by line; only the grouped matmul is a loop
+  over the experts chosen in this forward, each expert's matrix dequantized once (or taken from the cache).
+- The MLP and its router stay transformers' own (`GptOssMLP`, `GptOssTopKRouter`), so the workbench's routing
+  capture and routing interventions (workbench/inspect/routing.py) work as on every other path.
+- `ExpertCache` (optional, `expert_cache="2GB"`) keeps dequantized expert matrices in a least-recently-used
+  cache within a byte budget, for decoding, where consecutive tokens often reuse experts.
+
+Exactly the same model, and where it is not bit for bit:
+- `dequantize` equals transformers' `convert_moe_packed_tensors` bit for bit for every byte and every scale
+  (its lookup table is built with the same `torch.ldexp` on the same FP4 values).
+- Under `transformers_arithmetic(model)` each expert matmul is `x @ W[in, out]` on a contiguous matrix, as
+  transformers' grouped_mm computes it: logits are bit-identical to `Mxfp4Config(dequantize=True)`
+  (tests/test_mxfp4_packed.py, on the tiny gpt-oss and gpt-oss-nano).
+- By default the matmul is `x @ W_t.T` on the dequantized [out, in] matrix as stored (F.linear's layout). On
+  CPUs without bf16 matmul instructions (AVX2 only, as here) that is ~20x faster, and it only changes the
+  summation order inside each dot product: every expert output is within one bf16 rounding step (2^-8
+  relative) of transformers', and on the fixtures the logits agree to the bound asserted in the tests, with
+  identical routing.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import json
+import pathlib
+import threading
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.errors import PresetError
+from workbench.sizes import format_bytes, parse_bytes
+
+PATH_NATIVE, PATH_PACKED, PATH_DEQUANTIZED = "native kernels", "packed (workbench)", "dequantized"
+PROJECTIONS = ("gate_up_proj", "down_proj")
+
+
+# ---- dequantizing ----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _pair_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[256 scales * 256 bytes, 2]: the two values (low nibble first) of every byte under every E8M0 scale,
+    computed with torch.ldexp like transformers' convert_moe_packed_tensors, so lookups are bit-equal to it."""
+    from transformers.integrations.mxfp4 import FP4_VALUES
+
+    lut = torch.tensor(FP4_VALUES, dtype=dtype)
+    byte = torch.arange(256)
+    pairs = torch.stack([lut[byte & 0x0F], lut[byte >> 4]], dim=-1)  # [byte, 2]
+    exponents = (torch.arange(256, dtype=torch.int32) - 127).view(256, 1, 1)
+    table = torch.ldexp(pairs.unsqueeze(0).expand(256, 256, 2).clone(), exponents).to(dtype)
+    return table.reshape(256 * 256, 2).to(device)
+
+
+def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One expert's matrix: blocks uint8 [out, G, 16] and scales uint8 [out, G] -> [out, G*32] in `dtype`.
+
+    The layout the blocks are stored in ([out, in]); transformers' convert_moe_packed_tensors returns the
+    transpose ([in, out]). Two passes: a byte + 256*scale index (int32), then one table lookup per byte.
+    """
+    index = torch.add(blocks, (scales.to(torch.int32) << 8).unsqueeze(-1))  # uint8 + int32 -> int32
+    values = F.embedding(index, _pair_table(dtype, blocks.device))  # [out, G, 16, 2]
+    return values.reshape(blocks.shape[0], -1)
+
+
+def matrix_bytes(config: Any, dtype_bytes: int = 2) -> dict[str, int]:
+    """Bytes of one expert's dequantized gate_up and down matrices."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    return {"gate_up_proj": 2 * inter * hidden * dtype_bytes, "down_proj": inter * hidden * dtype_bytes}
+
+
+def expert_bytes(config: Any, dtype_bytes: int = 2) -> int:
+    """Bytes of one dequantized expert (both matrices): the smallest useful expert cache."""
+    return sum(matrix_bytes(config, dtype_bytes).values())
+
+
+def working_bytes(config: Any, dtype_bytes: int = 2) -> int:
+    """Extra memory while one matrix is dequantized: its int32 index and values, plus a contiguous copy
+    under transformers_arithmetic."""
+    largest = max(matrix_bytes(config, dtype_bytes).values())
+    return 2 * largest + largest // dtype_bytes * 2  # values + copy, index: 4 bytes a byte = 2 a value
+
+
+# ---- the cache -------------------------------------------------------------------------------------------
+class ExpertCache:
+    """Dequantized expert matrices, least recently used evicted first, within `budget_bytes`.
+
+    Shared by every layer of one model; keys are (layer, projection, expert). Thread-safe: a generation runs
+    in a background thread."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = int(budget_bytes)
+        self.bytes = 0
+        self.hits = self.misses = self.evictions = 0
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, make) -> torch.Tensor:
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return self._entries[key]
+            self.misses += 1
+        value = make()
+        size = value.numel() * value.element_size()
+        with self._lock:
+            if key not in self._entries and size <= self.budget_bytes:
+                while self.bytes + size > self.budget_bytes:
+                    _, old = self._entries.popitem(last=False)
+                    self.bytes -= old.numel() * old.element_size()
+                    self.evictions += 1
+                self._entries[key] = value
+                self.bytes += size
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return (f"ExpertCache({format_bytes(self.bytes)} of {format_bytes(self.budget_bytes)}, {len(self)} matrices; "
+                f"hits {self.hits}, misses {self.misses}, evictions {self.evictions})")
+
+
+def parse_cache_budget(expert_cache, config: Any, dtype_bytes: int = 2) -> int:
+    """`expert_cache=` as bytes (0 for None), or PresetError when it is not a size or holds less than one expert."""
+    if expert_cache is None:
+        return 0
+    budget = parse_bytes(expert_cache, what="expert_cache", error=PresetError)
+    smallest = expert_bytes(config, dtype_bytes)
+    if budget < smallest:
+        raise PresetError(
+            f"expert_cache={expert_cache!r} ({format_bytes(budget)}) holds less than one dequantized expert "
+            f"({format_bytes(smallest)}, the minimum): pass at least {format_bytes(smallest)}, e.g. "
+            f"expert_cache='{-(-smallest * 8 // 10**9)}GB' for about 8 experts, or expert_cache=None for no cache.")
+    return budget
+
+
+# ---- the experts module -----------------------------------------------------------------------------------
+class PackedMxfp4Experts(nn.Module):
+    """gpt-oss experts as the checkpoint stores them (MXFP4 blocks and scales), dequantized per chosen expert.
+
+    A drop-in for transformers' GptOssExperts inside GptOssMLP: same forward arguments, same result."""
+
+    def __init__(self, config: Any, layer: int = 0, cache: ExpertCache | None = None):
+        super().__init__()
+        experts, hidden, inter = config.num_local_experts, config.hidden_size, config.intermediate_size
+        if hidden % 32 or inter % 32:
+            raise PresetError(f"mxfp4 needs hidden_size ({hidden}) and intermediate_size ({inter}) divisible by 32")
+        self.num_experts, self.hidden_size, self.intermediate_size = experts, hidden, inter
+        self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+        self.layer, self.cache = layer, cache
+        self.exact = False  # True: transformers' matmul layout (see transformers_arithmetic)
+        for proj, (rows, cols) in packed_shapes(config).items():
+            self.register_parameter(f"{proj}_blocks", _frozen(torch.zeros(experts, rows, cols // 32, 16, dtype=torch.uint8)))
+            self.register_parameter(f"{proj}_scales", _frozen(torch.zeros(experts, rows, cols // 32, dtype=torch.uint8)))
+            self.register_parameter(f"{proj}_bias", nn.Parameter(torch.zeros(experts, rows)))
+
+    # transformers' own clamped SwiGLU with the +1 on the linear half
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+        return GptOssExperts._apply_gate(self, gate_up)
+
+    def dequantized(self, proj: str, expert: int) -> torch.Tensor:
+        """Expert `expert`'s `proj` matrix in the model's dtype, as stored: [out, in] (from the cache if any)."""
+        blocks, scales = getattr(self, f"{proj}_blocks"), getattr(self, f"{proj}_scales")
+        dtype = getattr(self, f"{proj}_bias").dtype
+
+        def make():
+            with torch.inference_mode(False), torch.no_grad():  # a cached matrix must serve any later forward
+                return dequantize(blocks[expert], scales[expert], dtype)
+        return self.cache.get((self.layer, proj, expert), make) if self.cache is not None else make()
+
+    def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [H, 2I], down [I, H]): one expert in transformers' GptOssExperts layout (for reading)."""
+        return tuple(self.dequantized(proj, expert).t() for proj in PROJECTIONS)
+
+    def _grouped(self, x: torch.Tensor, proj: str, counts: list[int]) -> torch.Tensor:
+        """transformers' grouped matmul (rows sorted by expert, `counts` rows each), one chosen expert at a time."""
+        out = x.new_empty(x.shape[0], getattr(self, f"{proj}_blocks").shape[1])
+        start = 0
+        for expert, n in enumerate(counts):
+            if n == 0:
+                continue
+            w = self.dequantized(proj, expert)  # [out, in]
+            rows = x[start:start + n]
+            if self.exact:
+                torch.mm(rows, w.t().contiguous(), out=out[start:start + n])  # grouped_mm on CPU: x @ W[in, out]
+            else:
+                torch.mm(rows, w.t(), out=out[start:start + n])
+            start += n
+        return out
+
+    def forward(self, hidden_states: torch.Tensor, router_indices=None, routing_weights=None) -> torch.Tensor:
+        # transformers.integrations.moe.grouped_mm_experts_forward, with the grouped matmul above
+        num_top_k = router_indices.size(-1)
+        num_tokens, hidden_dim = hidden_states.shape
+        sample_weights = routing_weights.reshape(-1)
+        expert_ids = router_indices.reshape(-1)
+        expert_ids_g, perm = torch.sort(expert_ids)
+        selected = hidden_states[perm // num_top_k].to(self.gate_up_proj_bias.dtype)
+        sample_weights_g = sample_weights[perm]
+        counts = torch.bincount(expert_ids_g, minlength=self.num_experts).tolist()
+
+        proj_out = self._grouped(selected, "gate_up_proj", counts)
+        proj_out.add_(self.gate_up_proj_bias[expert_ids_g])
+        proj_out = self._apply_gate(proj_out)
+        proj_out = self._grouped(proj_out, "down_proj", counts)
+        proj_out.add_(self.down_proj_bias[expert_ids_g])
+
+        weighted_out = proj_out * sample_weights_g.unsqueeze(-1)
+        inv_perm = torch.empty_like(perm)
+        inv_perm[perm] = torch.arange(perm.size(0), device=perm.device)
+        weighted_out = weighted_out[inv_perm]
+        return weighted_out.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
+                f"mxfp4 packed, cache={'none' if self.cache is None else format_bytes(self.cache.budget_bytes)}")
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+def packed_shapes(config: Any) -> dict[str, tuple[int, int]]:
+    """(out, in) of each projection as the checkpoint stores it."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    return {"gate_up_proj": (2 * inter, hidden), "down_proj": (hidden, inter)}
+
+
+def packed_experts(model: nn.Module) -> list[PackedMxfp4Experts]:
+    return [m for m in model.modules() if isinstance(m, PackedMxfp4Experts)]
+
+
+def expert_cache(model: nn.Module) -> ExpertCache | None:
+    """The model's expert cache (hits, misses, bytes), or None."""
+    return next((m.cache for m in packed_experts(model) if m.cache is not None), None)
+
+
+def set_expert_cache(model: nn.Module, expert_cache) -> ExpertCache | None:
+    """Give a loaded packed model a fresh expert cache ("2GB", bytes) or none (None); returns it."""
+    modules = packed_experts(model)
+    if not modules:
+        raise PresetError("this model has no packed mxfp4 experts: load it with preset='mxfp4' where native "
+                          "kernels are missing to use an expert cache")
+    budget = parse_cache_budget(expert_cache, model.config, modules[0].gate_up_proj_bias.element_size())
+    cache = ExpertCache(budget) if budget else None
+    for m in modules:
+        m.cache = cache
+    return cache
+
+
+@contextlib.contextmanager
+def transformers_arithmetic(model: nn.Module):
+    """Inside: every expert matmul uses transformers' layout (x @ W[in, out], contiguous), bit-identical to
+    the dequantize-everything model; slower on CPUs without bf16 matmul instructions."""
+    modules = packed_experts(model)
+    before = [m.exact for m in modules]
+    for m in modules:
+        m.exact = True
+    try:
+        yield
+    finally:
+        for m, b in zip(modules, before):
+            m.exact = b
+
+
+# ---- loading ----------------------------------------------------------------------------------------------
+def check_checkpoint(folder: str | pathlib.Path, config: Any) -> None:
+    """Every `*_blocks`/`*_scales` tensor present with the shape and dtype the packed experts need, read from
+    the safetensors headers before any weight is; PresetError naming the first bad tensor otherwise."""
+    from safetensors import safe_open
+
+    folder = pathlib.Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        where = json.loads(index.read_text())["weight_map"]
+    else:
+        where = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as f:
+                where.update(dict.fromkeys(f.keys(), file.name))
+    headers: dict[str, Any] = {}
+    experts = config.num_local_experts
+    for layer in range(config.num_hidden_layers):
+        for proj, (rows, cols) in packed_shapes(config).items():
+            for suffix, shape in (("blocks", [experts, rows, cols // 32, 16]), ("scales", [experts, rows, cols // 32])):
+                name = f"model.layers.{layer}.mlp.experts.{proj}_{suffix}"
+                if name not in where:
+                    raise PresetError(
+                        f"the MXFP4 checkpoint at {folder} has no tensor {name} (expected uint8 {shape}): it is "
+                        "incomplete or not in the openai/gpt-oss layout. Nothing was loaded; re-download or re-export it.")
+                file = where[name]
+                if file not in headers:
+                    headers[file] = safe_open(str(folder / file), "pt")
+                piece = headers[file].get_slice(name)
+                found, dtype = list(piece.get_shape()), piece.get_dtype()
+                if found != shape or dtype != "U8":
+                    raise PresetError(
+                        f"tensor {name} in {file} is {dtype} {found}, but the packed experts need uint8 {shape} "
+                        f"({experts} experts x {rows} rows x {cols // 32} blocks{' x 16 bytes' if suffix == 'blocks' else ''}). "
+                        "Nothing was loaded; the checkpoint does not match its config.json.")
+
+
+def from_pretrained(folder: str | pathlib.Path, config: Any, *, expert_cache_bytes: int = 0, **kwargs) -> nn.Module:
+    """Load an MXFP4 gpt-oss checkpoint with packed experts: transformers' own loader, given a model class whose
+    experts are PackedMxfp4Experts (so the checkpoint's blocks and scales load as they are), and a copy of the
+    config without quantization_config (so no quantizer dequantizes them). Checks the checkpoint first."""
+    import copy
+
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():  # a hub id: the files transformers would fetch (not the repo's original/ or metal/)
+        from huggingface_hub import snapshot_download
+
+        from workbench.model.sources import hub_cache_dir
+
+        folder = pathlib.Path(snapshot_download(str(folder), cache_dir=hub_cache_dir(),
+                                                allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"],
+                                                ignore_patterns=["original/*", "metal/*"]))
+    check_checkpoint(folder, config)
+    plain = copy.deepcopy(config)
+    quantization = plain.__dict__.pop("quantization_config", None)
+    plain._experts_implementation_internal = None  # a plan's meta build may have set grouped_mm: ours is "eager"
+    model = packed_model_class().from_pretrained(folder, config=plain, **kwargs)
+    cache = ExpertCache(expert_cache_bytes) if expert_cache_bytes else None
+    for experts in packed_experts(model):
+        experts.cache = cache
+    if quantization is not None:  # still an MXFP4 model: save_pretrained writes the checkpoint's layout
+        model.config.quantization_config = quantization
+    return model
+
+
+@functools.cache
+def packed_model_class() -> type:
+    """GptOssForCausalLM whose experts are PackedMxfp4Experts (built on first use: importing gpt-oss takes time)."""
+    from transformers import GptOssForCausalLM
+
+    class PackedGptOssForCausalLM(GptOssForCausalLM):
+        """GptOssForCausalLM whose experts are PackedMxfp4Experts; everything else is transformers' own."""
+
+        @classmethod
+        def _can_set_experts_implementation(cls) -> bool:
+            return False  # the packed experts have their own forward: transformers' experts functions do not apply
+
+        def __init__(self, config):
+            super().__init__(config)
+            for i, layer in enumerate(self.model.layers):
+                layer.mlp.experts = PackedMxfp4Experts(config, layer=i)
+
+    return PackedGptOssForCausalLM
