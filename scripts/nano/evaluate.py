@@ -304,6 +304,11 @@ def main(argv=None):
                                    "init": routing_and_sinks(init_dir, sequences),
                                    "sequences": len(sequences)}
     rs = result["routing_and_sinks"]
+    # A third of the sequences (the first of each data kind), measured the same way: what the fast test re-measures.
+    subset = list(range(0, len(sequences), 3))
+    rs["test_subset"] = {"sequence_indices": subset}
+    for name, path in (("trained", fixture / "bf16"), ("init", init_dir)):
+        rs["test_subset"][f"{name}_mi_bits_per_layer"] = routing_and_sinks(path, [sequences[i] for i in subset])["mi_bits_per_layer"]
     print("MI trained", rs["trained"]["mi_bits_per_layer"], "init", rs["init"]["mi_bits_per_layer"], flush=True)
     result["mxfp4"] = mxfp4_vs_bf16(fixture, sequences)
     print("mxfp4", json.dumps({k: v for k, v in result["mxfp4"].items() if k != "mxfp4_load"}), flush=True)

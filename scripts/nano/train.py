@@ -37,15 +37,21 @@ import build_data  # noqa: E402
 FIXTURE_DIR = ROOT / "workbench" / "fixtures" / "nano"
 VOCAB_SIZE = 8192          # ordinary BPE tokens + the harmony specials appended after them
 SEQ_LEN = 256
-WARMUP = 40  # steps of linear learning-rate warm-up
 BATCH = 8
-# Stopping criterion: a fixed number of training tokens, chosen from throughput measured on this machine:
+# Stopping criterion: a fixed number of training steps (tokens), chosen from throughput measured on this machine:
 # 1.2 s a step at batch 8 x 256 float32 (1,700 tokens/s) with the two cores to itself; `--probe` measured bf16
-# autocast 7x slower than float32; other jobs sharing the cores slowed steps 2-15x. 1,100 steps x 2,048 tokens
-# = 2,252,800 tokens: ≈ 22 minutes alone, ≈ 40-50 with the cores shared.
-DEFAULT_TOKENS = 1100 * BATCH * SEQ_LEN
-# Share of training sequences drawn from each kind (tokens seen per kind follow these shares).
+# autocast 7x slower than float32; other jobs sharing the cores slowed steps 2-15x.
+# One phase of 1,100 steps x 2,048 tokens = 2,252,800 tokens: ≈ 22 minutes of training on the idle machine; the
+# recorded run took 48 minutes with the cores shared. It learns the formats (harmony form 98.7% on held-out
+# questions) but hardly copies numbers or names from the question (held-out sums 0.3% right). A second phase
+# (a conversation-heavy mix, learning rate re-warmed; append a dict to PHASES, `--resume` starts it from
+# train_state_phase1.pt) was tried and stopped: other jobs slowed it to 28 s a step.
 MIX = {"prose": 0.15, "code": 0.12, "arith": 0.40, "dates": 0.08, "lists": 0.08, "facts": 0.05, "tool": 0.12}
+PHASES = (
+    {"name": "phase1", "steps": 1100, "lr": 3e-3, "warmup": 40, "final_lr_frac": 0.1, "mix": MIX, "seed_offset": 0},
+)
+WARMUP = PHASES[0]["warmup"]
+DEFAULT_TOKENS = sum(ph["steps"] for ph in PHASES) * BATCH * SEQ_LEN
 SYNTHETIC = set(build_data.SYNTHETIC_KINDS)
 
 
@@ -161,10 +167,11 @@ class Batches:
     """Seeded training batches: each row picks a kind by MIX, then a window of SEQ_LEN+1 tokens. Conversations
     (synthetic kinds) are read from the start of a conversation; prose and code from any offset."""
 
-    def __init__(self, streams, seed: int, batch: int = BATCH, seq_len: int = SEQ_LEN):
+    def __init__(self, streams, seed: int, batch: int = BATCH, seq_len: int = SEQ_LEN, mix: dict | None = None):
+        mix = mix or MIX
         self.streams, self.batch, self.seq_len = streams, batch, seq_len
-        self.kinds = [k for k in MIX if k in streams]
-        self.weights = torch.tensor([MIX[k] for k in self.kinds])
+        self.kinds = [k for k in mix if k in streams]
+        self.weights = torch.tensor([mix[k] for k in self.kinds])
         self.generator = torch.Generator().manual_seed(seed)
 
     def next(self) -> tuple[torch.Tensor, list[str]]:
@@ -217,34 +224,31 @@ def make_optimizer(model, lr: float, weight_decay: float = 0.1):
                              fused=True)  # fused: ~1 s a step less than the default here
 
 
-def lr_at(step: int, total: int, lr: float, warmup: int = WARMUP) -> float:
+def lr_at(step: int, total: int, lr: float, warmup: int = WARMUP, final_frac: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay to final_frac * lr."""
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))  # cosine down to 10%
+    return lr * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def train(model, batches: Batches, eval_batches, *, steps: int, lr: float, log_path: pathlib.Path,
           ckpt_dir: pathlib.Path | None, log_every: int = 25, eval_every: int = 200, autocast: bool = False,
-          resume: dict | None = None) -> dict:
-    opt = make_optimizer(model, lr)
-    start_step, elapsed_before = 0, 0.0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        batches.generator.set_state(resume["generator"])
-        start_step, elapsed_before = resume["step"], resume["elapsed_s"]
+          opt=None, warmup: int = WARMUP, final_lr_frac: float = 0.1, phase: str = "phase1", step_offset: int = 0,
+          elapsed_before: float = 0.0, append: bool = False) -> dict:
+    """One phase: `steps` AdamW steps with its own schedule; log lines count steps and tokens over all phases."""
+    opt = opt if opt is not None else make_optimizer(model, lr)
+    start_step = 0
     model.train()
     t0 = time.time()
     tokens_per_step = batches.batch * batches.seq_len
     acc = {"loss": 0.0, "aux": 0.0, "n": 0, "kind_loss": {}, "kind_n": {}}
-    mode = "a" if resume is not None else "w"
-    with open(log_path, mode, encoding="utf-8") as log:
-        if resume is None:
+    with open(log_path, "a" if append else "w", encoding="utf-8") as log:
+        if not append:
             log.write(json.dumps({"step": 0, "tokens": 0, "eval": eval_losses(model, eval_batches)}) + "\n")
         for step in range(start_step, steps):
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, steps, lr)
+                g["lr"] = lr_at(step, steps, lr, warmup, final_lr_frac)
             x, kinds = batches.next()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 out = model(input_ids=x[:, :-1], output_router_logits=True)
@@ -265,7 +269,7 @@ def train(model, batches: Batches, eval_batches, *, steps: int, lr: float, log_p
                 acc["kind_n"][k] = acc["kind_n"].get(k, 0) + 1
             done = step + 1
             if done % log_every == 0 or done == steps:
-                rec = {"step": done, "tokens": done * tokens_per_step, "lr": round(opt.param_groups[0]["lr"], 7),
+                rec = {"step": step_offset + done, "phase": phase, "tokens": (step_offset + done) * tokens_per_step, "lr": round(opt.param_groups[0]["lr"], 7),
                        "loss": round(acc["loss"] / acc["n"], 4), "aux_loss": round(acc["aux"] / acc["n"], 4),
                        "train_loss_by_kind": {k: round(acc["kind_loss"][k] / acc["kind_n"][k], 4)
                                               for k in sorted(acc["kind_loss"])},
@@ -279,10 +283,13 @@ def train(model, batches: Batches, eval_batches, *, steps: int, lr: float, log_p
                 if not math.isfinite(rec["loss"]):
                     raise FloatingPointError(f"training diverged at step {done}")
             if ckpt_dir is not None and (done % 100 == 0 or done == steps):
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
-                            "generator": batches.generator.get_state(),
-                            "elapsed_s": elapsed_before + time.time() - t0}, ckpt_dir / "train_state.pt")
-    return {"steps": steps, "tokens": steps * tokens_per_step, "train_time_s": round(elapsed_before + time.time() - t0, 1)}
+                state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done, "phase": phase,
+                         "elapsed_s": elapsed_before + time.time() - t0}
+                torch.save(state, ckpt_dir / "train_state.pt")
+                if done == steps:  # the state a later phase starts from (`--resume` skips finished phases)
+                    torch.save(state, ckpt_dir / f"train_state_{phase}.pt")
+    return {"steps": steps, "tokens": steps * tokens_per_step, "train_time_s": round(elapsed_before + time.time() - t0, 1),
+            "opt": opt}
 
 
 # ---- export -----------------------------------------------------------------------------------
@@ -329,11 +336,10 @@ def main(argv=None):
     ap.add_argument("--build", type=pathlib.Path, default=build_data.DEFAULT_OUT)
     ap.add_argument("--out", type=pathlib.Path, default=FIXTURE_DIR)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tokens", type=int, default=DEFAULT_TOKENS)
-    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--autocast", action="store_true", help="bf16 autocast (measured slower here; off by default)")
     ap.add_argument("--rebuild-data", action="store_true")
-    ap.add_argument("--resume", action="store_true", help="continue from the build folder's train_state.pt")
+    ap.add_argument("--resume", action="store_true", help="skip phases whose final state is in the build folder "
+                    "(train_state_<phase>.pt) and continue from there")
     ap.add_argument("--smoke", action="store_true", help="a short run into <build>/smoke; the fixture is not touched")
     ap.add_argument("--probe", action="store_true", help="measure tokens/s over a few steps and exit")
     ap.add_argument("--skip-eval", action="store_true")
@@ -373,7 +379,6 @@ def main(argv=None):
     model = new_model(config, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters", flush=True)
-    batches = Batches(streams["train"], args.seed)
     eval_batches = fixed_eval_batches(streams["test"])
 
     if args.probe:
@@ -381,7 +386,7 @@ def main(argv=None):
             m = new_model(config, args.seed)
             b = Batches(streams["train"], args.seed)
             log = build / f"probe_{'bf16' if autocast else 'fp32'}.jsonl"
-            r = train(m, b, {}, steps=12, lr=args.lr, log_path=log, ckpt_dir=None, log_every=4, eval_every=10**9,
+            r = train(m, b, {}, steps=12, lr=PHASES[0]["lr"], log_path=log, ckpt_dir=None, log_every=4, eval_every=10**9,
                       autocast=autocast)
             recs = [json.loads(l) for l in open(log)][1:]
             tps = (recs[-1]["tokens"] - recs[0]["tokens"]) / (recs[-1]["elapsed_s"] - recs[0]["elapsed_s"])
@@ -389,19 +394,36 @@ def main(argv=None):
         return
 
     out = build / "smoke" if args.smoke else args.out
-    steps = 8 if args.smoke else args.tokens // (BATCH * SEQ_LEN)
     out.mkdir(parents=True, exist_ok=True)
     init_dir = build / ("smoke_init" if args.smoke else "init")
     save_checkpoint(model, tokenizer, init_dir)  # the untrained initialisation, for the evaluation's baselines
-    resume = torch.load(build / "train_state.pt", weights_only=False) if args.resume else None
-    result = train(model, batches, eval_batches, steps=steps, lr=args.lr, log_path=out / "train_log.jsonl",
-                   ckpt_dir=None if args.smoke else build, autocast=args.autocast, resume=resume,
-                   log_every=4 if args.smoke else 25, eval_every=8 if args.smoke else 100)
-    result.update({"parameters": n_params, "corpus_tokens": corpus_tokens, "seed": args.seed, "lr": args.lr,
+    opt, offset, elapsed, phases_done = make_optimizer(model, PHASES[0]["lr"]), 0, 0.0, []
+    for i, ph in enumerate(PHASES):
+        steps = 4 if args.smoke else ph["steps"]
+        saved = build / f"train_state_{ph['name']}.pt"
+        if args.resume and not args.smoke and saved.exists():
+            state = torch.load(saved, weights_only=False)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            elapsed = state["elapsed_s"]
+            print(f"{ph['name']}: resumed from {saved} ({elapsed:.0f} s of training)", flush=True)
+        else:
+            r = train(model, Batches(streams["train"], args.seed + ph["seed_offset"], mix=ph["mix"]), eval_batches,
+                      steps=steps, lr=ph["lr"], warmup=min(ph["warmup"], steps), final_lr_frac=ph["final_lr_frac"],
+                      log_path=out / "train_log.jsonl", ckpt_dir=None if args.smoke else build,
+                      autocast=args.autocast, opt=opt, phase=ph["name"], step_offset=offset, elapsed_before=elapsed,
+                      append=i > 0 or (args.resume and (out / "train_log.jsonl").exists()),
+                      log_every=2 if args.smoke else 25, eval_every=4 if args.smoke else 100)
+            elapsed = r["train_time_s"]
+        offset += steps
+        phases_done.append({k: v for k, v in ph.items()} | {"steps": steps, "elapsed_after_s": round(elapsed, 1)})
+    result = {"steps": offset, "tokens": offset * BATCH * SEQ_LEN, "train_time_s": round(elapsed, 1),
+              "phases": phases_done}
+    result.update({"parameters": n_params, "corpus_tokens": corpus_tokens, "seed": args.seed, "lr": PHASES[0]["lr"],
                    "batch": BATCH, "seq_len": SEQ_LEN, "mix": MIX, "torch_threads": torch.get_num_threads(),
                    "torch": torch.__version__})
-    tokens_by_kind = {k: round(v * result["tokens"]) for k, v in MIX.items()}
-    result["tokens_by_kind_expected"] = tokens_by_kind
+    result["tokens_by_kind_expected"] = {k: round(sum(ph["mix"].get(k, 0) * ph["steps"] for ph in phases_done)
+                                                  * BATCH * SEQ_LEN) for k in MIX}
     save_checkpoint(model, tokenizer, out / "bf16")
     save_checkpoint(model, tokenizer, out / "mxfp4", mxfp4=True)
     export_heldout(build, out, test_rows)

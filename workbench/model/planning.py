@@ -185,7 +185,8 @@ def _make_plan(ctx: _Context, preset: Preset) -> Plan:
     path = _mxfp4_path(ctx, preset)
     packed = path == PATH_PACKED
     value_bytes = dtype_bytes(preset)
-    cache_bytes = _expert_cache_bytes(ctx, path, value_bytes)
+    compute_bytes = mxfp4_packed.compute_dtype(preset.dtype, _device_type(ctx)).itemsize  # of dequantized experts
+    cache_bytes = _expert_cache_bytes(ctx, path, compute_bytes)
     if packed:  # no fallback: the experts stay packed, the workbench dequantizes the chosen ones per forward
         notes.append(f"native mxfp4 kernels are unavailable here ({fallback}): the workbench keeps the experts in "
                      "MXFP4 and dequantizes only the experts each forward chooses (packed path)")
@@ -202,7 +203,7 @@ def _make_plan(ctx: _Context, preset: Preset) -> Plan:
         kv_bytes=kv_cache_bytes(config, ctx.context_tokens, value_bytes, ctx.batch_size),
         context_tokens=ctx.context_tokens, batch_size=ctx.batch_size,
         activation_bytes=activation_bytes(config, ctx.context_tokens, value_bytes, ctx.batch_size)
-        + (mxfp4_packed.working_bytes(config, value_bytes) if packed else 0),
+        + (mxfp4_packed.working_bytes(config, compute_bytes) if packed else 0),
         overhead_bytes=int(OVERHEAD_FRACTION * (bf16_total if fallback else total)) + OVERHEAD_FIXED_BYTES,
         placement=preset.device, target="", fits={}, free_bytes={}, fits_target=False,
         notes=notes + _quantization_notes(ctx, preset, params_by_group, set(quantized), packed),
@@ -211,6 +212,12 @@ def _make_plan(ctx: _Context, preset: Preset) -> Plan:
     )
     _place(plan, ctx)
     return plan
+
+
+def _device_type(ctx: _Context) -> Any:
+    import torch
+
+    return torch.device("cuda" if ctx.gpus else "cpu")
 
 
 def _expert_cache_bytes(ctx: _Context, path: str | None, value_bytes: int) -> int:

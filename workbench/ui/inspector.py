@@ -19,6 +19,7 @@ import sys
 import ipywidgets as widgets
 import plotly.graph_objects as go
 import plotly.io as pio
+import torch
 
 from workbench.errors import BusyError
 from workbench.views.labels import visible
@@ -126,6 +127,12 @@ class TokenInspector(widgets.VBox):
                                      self.attention_out])
         super().__init__([self.title, self.chip_box, self.pager, self.details, self.figures])
         self.reset()
+        # SAE features of the selected token: set `inspector.sae = wb.load_sae(...)` to show them
+        self.sae = None
+        self.features = None               # Features of the whole conversation, for (generation, sae)
+        self._features_for = None
+        self.features_html = widgets.HTML()
+        self.figures.children += (self.features_html,)
 
     # ---- state --------------------------------------------------------------------------------------
     def reset(self, note: str = "(generate first)") -> None:
@@ -192,6 +199,7 @@ class TokenInspector(widgets.VBox):
         self._ensure_trace()
         self._draw_experts()
         self._draw_attention()
+        self._draw_features()
 
     def _details_html(self, g, i: int) -> str:
         p = math.exp(g.logprobs[i])
@@ -257,3 +265,29 @@ class TokenInspector(widgets.VBox):
             self.attention_fig = attention_figure(t, self._query(), self.layer.value, self.head.value)
         self.layer.layout.display = self.head.layout.display = "" if self.attention_fig is not None else "none"
         show_figure(self.attention_out, self.attention_fig)
+
+    # ---- SAE features ----------------------------------------------------------------------------------------
+    def _draw_features(self, k: int = 8) -> None:
+        """The selected token's top `k` features of `self.sae`, read at the token's own position (the residual
+        after it was read, where an SAE feature "fires on" it) from one residual trace per generation and SAE."""
+        if self.sae is None or self.session is None or self.generation is None:
+            self.features, self.features_html.value = None, ""
+            return
+        cached = self._features_for
+        if cached is None or cached[0] is not self.generation or cached[1] is not self.sae:
+            try:
+                t = self.session.trace(self.generation, what=["residuals"], layers=[self.sae.layer],
+                                       dtype=torch.float32, budget=self.trace_budget)
+                self.features, self._features_for = self.sae.features(t, k), (self.generation, self.sae)
+            except Exception as e:  # busy (try again next click), a mismatched SAE: say it
+                self.features = None
+                self.features_html.value = f"<div style='color:#b00'>no SAE features: " \
+                                           f"{html.escape(type(e).__name__)}: {html.escape(str(e))}</div>"
+                return
+        position = len(self.generation.prompt_ids) + self.selected
+        rows = "".join(f"<tr><td>{f}</td><td style='text-align:right'>{v:.3f}</td></tr>"
+                       for f, v in self.features.at(position))
+        self.features_html.value = (
+            f"<div style='color:#666;font-size:90%'>SAE features at this token (position {position}, residual after "
+            f"layer {self.sae.layer}):</div><table class='wb-features'><tr><th>feature</th><th>activation</th></tr>"
+            f"{rows or '<tr><td colspan=2><i>none active</i></td></tr>'}</table>")

@@ -17,6 +17,7 @@ Long traces are windowed (attention and expert heatmaps: the last 256 tokens; le
 the subtitle says which tokens are shown; pass window=n or window=(start, stop) to choose.
 """
 from workbench.views.attention import attention_heatmap
+from workbench.views.attribution import attribution_bars, attribution_figure, attribution_heatmap
 from workbench.views.flow import coactivation, expert_flow
 from workbench.views.heads import head_grid, sink_mass
 from workbench.views.labels import token_labels, visible
@@ -26,3 +27,4 @@ from workbench.views.routing import expert_heatmap, expert_load, routing_entropy
 
 __all__ = ["attention_heatmap", "head_grid", "sink_mass", "expert_heatmap", "expert_load", "expert_flow",
            "coactivation", "routing_entropy", "logit_lens_grid", "patching_heatmap", "token_labels", "visible"]
+__all__ += ["attribution_bars", "attribution_figure", "attribution_heatmap"]

@@ -1,0 +1,224 @@
+"""gpt-oss-nano, the trained tiny gpt-oss shipped in workbench/fixtures/nano: loading, harmony, arithmetic,
+routing specialisation, and what happens when the checkpoint on disk is missing or damaged.
+
+Thresholds come from eval.json (what scripts/nano/evaluate.py measured at training time) and from the
+untrained initialisation's figures in it, never from numbers copied into this file."""
+import json
+import math
+import re
+import shutil
+
+import pytest
+
+import workbench as wb
+from workbench.errors import ModelNotFoundError
+from workbench.fixtures import nano_path
+from workbench.fixtures import nano as nano_module
+
+
+@pytest.fixture(scope="module")
+def nano():
+    return wb.load(str(nano_path()), preset="cpu")
+
+
+@pytest.fixture(scope="module")
+def measured():
+    return nano_module.evaluation()
+
+
+@pytest.fixture(scope="module")
+def held():
+    return nano_module.heldout()
+
+
+# ---- the artefact --------------------------------------------------------------------------------
+
+def test_both_layouts_exist_and_fit_the_size_budget():
+    total = 0
+    for layout in nano_module.LAYOUTS:
+        folder = nano_path(layout)
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json",
+                     "chat_template.jinja"):
+            assert (folder / name).is_file(), f"{layout}/{name}"
+        total += sum(f.stat().st_size for f in folder.iterdir())
+    assert total <= 25 * 10**6
+    mx = json.loads((nano_path("mxfp4") / "config.json").read_text())
+    assert mx["quantization_config"]["quant_method"] == "mxfp4"
+    from safetensors import safe_open
+    with safe_open(nano_path("mxfp4") / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.mlp.experts.gate_up_proj_blocks" in keys
+    assert "model.layers.0.mlp.experts.down_proj_scales" in keys
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in keys
+
+
+def test_config_is_gpt_oss_scaled_down():
+    c = json.loads((nano_path() / "config.json").read_text())
+    assert c["architectures"] == ["GptOssForCausalLM"] and c["model_type"] == "gpt_oss"
+    assert c["layer_types"] == ["sliding_attention", "full_attention"] * (c["num_hidden_layers"] // 2)
+    assert c["head_dim"] == 64 and c["num_key_value_heads"] < c["num_attention_heads"]
+    assert (c.get("rope_parameters") or c.get("rope_scaling"))["rope_type"] == "yarn"
+    g = json.loads((nano_path() / "generation_config.json").read_text())
+    tok = json.loads((nano_path() / "tokenizer_config.json").read_text())
+    assert tok["eos_token"] == "<|return|>" and tok["bos_token"] == "<|startoftext|>"
+    assert len(g["eos_token_id"]) == 3  # <|return|>, <|endoftext|>, <|call|>
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+def test_loads_as_gpt_oss_with_its_real_adapter(nano):
+    assert type(nano.model).__name__ == "GptOssForCausalLM"
+    assert nano.adapter.family == "gpt-oss"
+    assert "gpt-oss" in repr(nano)
+    assert nano.report.preset == "cpu" and nano.report.fallback is None
+    assert nano.harmony
+
+
+@pytest.mark.parametrize("layout,preset", [("bf16", "bf16"), ("mxfp4", "mxfp4")])
+def test_loads_under_bf16_and_mxfp4_presets(layout, preset):
+    s = wb.load(str(nano_path(layout)), preset=preset)
+    assert s.adapter.family == "gpt-oss" and s.report.preset == preset
+    if layout == "mxfp4":
+        assert s.report.requested_quantization == "mxfp4"
+        # On a machine without the mxfp4 kernels transformers dequantizes; the report must say so.
+        assert s.report.actual_quantization == "mxfp4" or "bf16" in (s.report.fallback or "")
+    t = s.trace("What is 23 + 19?", what=["routing"])
+    assert t.routing.indices.shape[0] == s.model.config.num_hidden_layers
+
+
+# ---- harmony and arithmetic -------------------------------------------------------------------------
+
+def test_answers_a_held_out_sum_in_harmony_form(nano, held):
+    assert [23, 19] in held["heldout_sums"]  # never seen in training
+    g = nano.chat("What is 23 + 19?", temperature=0, max_new_tokens=200)
+    assert [m["channel"] for m in g.messages] == ["analysis", "final"]
+    assert g.token_ids[-1] == nano.tokenizer.convert_tokens_to_ids("<|return|>")
+    # The measured accuracy on held-out sums is near zero (eval.json, MODEL_CARD.md): the model writes the worked
+    # column addition it was trained on, but with digits it has not learned to copy from the question. So this
+    # checks the form of the reasoning and of the answer, not the sum.
+    assert re.search(r"Ones: \d \+ \d = \d+, write \d, carry \d\.", g.channels["analysis"])
+    assert re.fullmatch(r"\d+", g.channels["final"].strip())
+    assert g.text.strip() == g.channels["final"].strip()
+
+
+def _binomial_floor(p: float, n: int) -> float:
+    """Three standard deviations below the measured accuracy p for n questions (never below 0)."""
+    return max(0.0, p - 3 * math.sqrt(p * (1 - p) / n))
+
+
+@pytest.mark.slow
+def test_held_out_sums_at_the_measured_accuracy(nano, measured, held):
+    """A fixed set of held-out sums at the default (medium) effort: right at no less than three standard
+    deviations below the accuracy evaluate.py measured for medium effort."""
+    p = measured["arithmetic"]["by_effort"]["medium"]
+    sums = held["heldout_sums"][::97][:10]
+    right = 0
+    for a, b in sums:
+        g = nano.chat(f"What is {a} + {b}?", temperature=0, max_new_tokens=200)
+        assert [m["channel"] for m in g.messages] == ["analysis", "final"], g.channels
+        right += g.channels["final"].strip() == str(a + b)
+    assert right / len(sums) >= _binomial_floor(p, len(sums))
+
+
+def test_measured_harmony_form_meets_the_goal(measured):
+    assert measured["harmony"]["harmony_form_share"] >= 0.95
+
+
+# ---- routing specialisation and sinks -----------------------------------------------------------------
+
+def test_routing_specialises_beyond_the_initialisation(nano, measured, held):
+    """MI(token kind; top-1 expert), re-measured on the held-out sequences of eval.json's test subset (the first
+    sequence of each data kind), must clear the point midway between the initialisation's and the trained model's
+    MI measured there at the layer where training raised it most."""
+    sub = measured["routing_and_sinks"]["test_subset"]
+    trained, init = sub["trained_mi_bits_per_layer"], sub["init_mi_bits_per_layer"]
+    best = max(range(len(trained)), key=lambda layer: trained[layer] - init[layer])
+    threshold = (trained[best] + init[best]) / 2
+    assert trained[best] > init[best]
+    kinds, experts = [], []
+    for i in sub["sequence_indices"]:
+        ids = held["trace_sequences"][i]
+        t = nano.trace(ids, what=["routing"], layers=[best])
+        kinds += nano_module.token_kinds(nano.tokenizer, ids)
+        experts += t.routing.at(best).indices[:, 0].tolist()
+    assert nano_module.mutual_information(kinds, experts) > threshold
+
+
+def test_token_kinds():
+    assert [nano_module.token_kind(s) for s in ("42", " the", "  ", "):", ".", "_x")] == \
+        ["digit", "word", "whitespace", "code_symbol", "punctuation", "word"]
+    assert nano_module.token_kind("<|start|>", special=True) == "harmony_special"
+    assert nano_module.mutual_information([0, 0, 1, 1], [5, 5, 6, 6]) == pytest.approx(1.0)
+    assert nano_module.mutual_information([0, 1, 0, 1], [5, 5, 6, 6]) == pytest.approx(0.0)
+
+
+def test_sink_mass_is_a_share_per_head(nano):
+    t = nano.trace("The quick brown fox jumps over the lazy dog. " * 4, what=["attention"])
+    m = t.sink_mass
+    cfg = nano.model.config
+    assert m.shape[:2] == (cfg.num_hidden_layers, cfg.num_attention_heads)
+    assert float(m.min()) >= 0.0 and float(m.max()) <= 1.0
+
+
+def test_stream_interventions_routing_stats_and_widget_run_on_nano(nano):
+    deltas = list(nano.stream("What is 2 + 3?", temperature=0, max_new_tokens=60))
+    assert deltas and {d.channel for d in deltas} <= {"analysis", "final", "commentary"}
+    with nano.ablate_experts({1: [0, 1]}):
+        t = nano.trace("What is 2 + 3?", what=["routing"])
+    assert not ((t.routing.indices[1] == 0) | (t.routing.indices[1] == 1)).any()
+    stats = nano.routing_stats(["def f(x):\n    return x + 1\n", "The cat sat on the mat. 12 + 30 = 42."])
+    assert stats.tokens > 0 and int(stats.expert_load.sum()) == stats.tokens * nano.model.config.num_hidden_layers * 2
+    assert nano.widget() is not None
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+def test_unknown_layout_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="'bf16', 'mxfp4'"):
+        nano_path("fp8")
+
+
+@pytest.fixture()
+def copy_of_nano(tmp_path):
+    root = tmp_path / "nano"
+    root.mkdir()
+    shutil.copytree(nano_path(), root / "bf16")
+    shutil.copy(nano_module.NANO_DIR / "MANIFEST.json", root / "MANIFEST.json")
+    return root
+
+
+def test_a_copy_verifies(copy_of_nano):
+    assert nano_path(root=copy_of_nano) == copy_of_nano / "bf16"
+
+
+def test_missing_file_names_the_rebuild_command(copy_of_nano):
+    (copy_of_nano / "bf16" / "config.json").unlink()
+    with pytest.raises(ModelNotFoundError, match=r"config\.json.*python scripts/nano/train\.py"):
+        nano_path(root=copy_of_nano)
+
+
+def test_corrupted_weights_are_caught(copy_of_nano):
+    f = copy_of_nano / "bf16" / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
+    f.write_bytes(bytes(data))
+    with pytest.raises(nano_module.NanoCheckpointError, match=r"corrupted.*python scripts/nano/train\.py"):
+        nano_path(root=copy_of_nano)
+
+
+def test_truncated_weights_are_caught(copy_of_nano):
+    f = copy_of_nano / "bf16" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(ModelNotFoundError, match="wrong size"):
+        nano_path(root=copy_of_nano)
+
+
+def test_missing_folder_or_manifest(tmp_path, copy_of_nano):
+    with pytest.raises(ModelNotFoundError, match="MANIFEST.json is missing.*python scripts/nano/train.py"):
+        nano_path(root=tmp_path / "nowhere")
+    shutil.rmtree(copy_of_nano / "bf16")
+    with pytest.raises(ModelNotFoundError, match="missing"):
+        nano_path(root=copy_of_nano)
+    (copy_of_nano / "MANIFEST.json").write_text("{not json")
+    with pytest.raises(ModelNotFoundError, match="unreadable"):
+        nano_path(root=copy_of_nano)
