@@ -88,9 +88,9 @@ def main() -> None:
                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
         config = gpt_oss_config("20b")
-        plans = {name: wb.plan(config, name, context_tokens=1024, **kw) for name, kw in
-                 (("mxfp4", {}), ("mxfp4_cache", {"expert_cache": args.cache}))}
-        plans["bf16"] = wb.plan(config, "bf16", context_tokens=1024)
+        plans = {"mxfp4": wb.plan(config, "mxfp4", context_tokens=1024),
+                 "mxfp4_cache": wb.plan(config, "mxfp4", context_tokens=1024, expert_cache=args.cache),
+                 "bf16": wb.plan(config, "bf16", context_tokens=1024)}
         result["plan"] = {
             "packed_weights_bytes": plans["mxfp4"].load_bytes, "packed_overhead_bytes": plans["mxfp4"].overhead_bytes,
             "packed_need_bytes_1024_tokens": plans["mxfp4"].need_bytes,

@@ -10,8 +10,8 @@ The residual stream at the last layer is a sum: what entered layer 0 (the embedd
 output, plus every MLP output. The logit is `lm_head(norm(x))[target]`. RMSNorm is not linear, so its scale
 is frozen at its value on this position: RMSNorm(x) ≈ x * (g / rms(x)) with rms(x) fixed, which makes the
 logit a sum of one dot product per part. With rms taken from the real residual, the parts add up to the
-model's own logit (to float rounding); what the approximation changes is what a part "would" contribute
-without the others, which no linear decomposition can say.
+model's own logit (to float rounding). What it does not say is how the logit would change without a part:
+removing one changes rms(x) too (and everything downstream of it); activation patching measures that.
 
 Parts: the embedding; each attention head (its slice of o_proj's input times o_proj's weight columns for
 that slice) and the o_proj bias per layer; each dense MLP; for MoE layers each chosen expert, recomputed
