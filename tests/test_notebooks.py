@@ -98,3 +98,14 @@ def test_references_to_sections_and_notebooks_point_at_real_ones():
             where = f"notebook {other}" if other else "itself"
             assert not missing, f"{path.name}: {m.group(0)!r} points at no heading '## N.' of {where}: {missing}"
         assert "§" not in text, f"{path.name}: write 'section N', not §"
+
+
+GUIDES = ["01_load_and_chat", "02_harmony_format", "03_attention_and_sinks", "04_expert_routing", "05_quantization",
+          "06_interventions", "07_corpus_statistics", "08_patching_steering_features"]
+
+
+def test_the_guides_are_the_ones_the_readme_lists():
+    assert [p.stem for p in NOTEBOOKS] == GUIDES
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    missing = [g for g in GUIDES if f"`{g}`" not in readme]
+    assert not missing, f"README does not list {missing}"
