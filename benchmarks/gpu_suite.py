@@ -28,12 +28,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import pathlib
 import platform
 import shutil
 import sys
 import tempfile
 import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_generation.py: spinning OpenMP threads skew CPU timings
 
 import torch
 import transformers
@@ -104,11 +107,9 @@ def skip_reason(variant: str, folder: pathlib.Path, device: str, pretend: int | 
 def decode_speeds(s, device: str, tokens: int) -> dict:
     """tokens/s after the first token, greedy, `tokens` new tokens: plain generate vs s.chat vs the widget."""
     prompt = torch.tensor([s.render(PROMPT)], device=device)
-    greedy = dict(do_sample=False, min_new_tokens=tokens, max_new_tokens=tokens, pad_token_id=0)
-
     def generate(n):
         with torch.no_grad():
-            s.model.generate(prompt, **{**greedy, "min_new_tokens": n, "max_new_tokens": n})
+            s.model.generate(prompt, do_sample=False, min_new_tokens=n, max_new_tokens=n, pad_token_id=0)
     generate(2)  # warm-up
     first, whole = timed(lambda: generate(1), device), timed(lambda: generate(tokens), device)
     chat = s.chat(PROMPT, temperature=0, max_new_tokens=tokens, stop_tokens=[])
@@ -174,7 +175,7 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda:0" if torch.cuda.is_available() and not args.tiny else "cpu"
     size = "tiny" if args.tiny else "20b"
-    decode_tokens = args.decode_tokens or (8 if args.tiny else 64)
+    decode_tokens = args.decode_tokens or (32 if args.tiny else 64)
     trace_tokens = args.trace_tokens or (64 if args.tiny else 1024)
     pretend = parse_bytes(args.pretend_free, what="--pretend-free") if args.pretend_free else None
     workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="workbench-gpu-suite-"))

@@ -51,7 +51,7 @@ def test_every_notebook_opens_with_colab_and_binder_badges_and_a_colab_install_c
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         first = nb.cells[0].source
-        assert f"colab.research.google.com/github/" in first and path.name in first, path.name
+        assert "colab.research.google.com/github/" in first and path.name in first, path.name
         assert "mybinder.org/v2/gh/" in first, path.name
         assert any(c.cell_type == "code" and "google.colab" in c.source and "pip install" in c.source
                    for c in nb.cells[:3]), path.name

@@ -343,7 +343,7 @@ def test_views_on_smollm2(smollm2_session):
     assert np.asarray(fig.data[0].z).shape == (2, 9)
     with pytest.raises(CaptureError, match=r"no routing: .* is a dense model"):
         views.expert_load(t)
-    with pytest.raises(CaptureError, match=r"layer 3 is out of range: this trace's attention has layers \[0, 29\] "
+    with pytest.raises(CaptureError, match=r"layer 3 is out of range: this trace's attention has layers 0, 29 "
                                            r"\(the model has layers 0\.\.29: trace with layers="):
         views.attention_heatmap(t, 3, 0)
 

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import glob
 import html.parser
 import json
 import os
 import pathlib
 import random
 import re
-import subprocess
 import sys
 import sysconfig
 

@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import pathlib
 import random
 import re

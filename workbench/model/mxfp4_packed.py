@@ -49,7 +49,6 @@ import threading
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from workbench.errors import PresetError
