@@ -92,7 +92,11 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=8)
     parser.add_argument("--cache", default="2GB", help="expert cache budget for the cached decode")
     parser.add_argument("--keep", action="store_true", help="keep the 13.8 GB checkpoint afterwards")
+    parser.add_argument("--size", default="20b", choices=["20b", "tiny"],
+                        help="tiny: the same steps on a tiny config in seconds, to check the script (not recorded)")
     args = parser.parse_args()
+    if args.size == "tiny" and args.folder == parser.get_default("folder"):
+        args.folder += "-tiny"
     folder = pathlib.Path(args.folder)
     result: dict = {"model": "random gpt-oss-20b (bundled config), MXFP4 checkpoint layout, seed 0",
                     "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -100,7 +104,7 @@ def main() -> None:
                                 "transformers": transformers.__version__, "processor": platform.machine()},
                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
-        config = gpt_oss_config("20b")
+        config = gpt_oss_config(args.size)
         plans = {"mxfp4": wb.plan(config, "mxfp4", context_tokens=1024),
                  "mxfp4_cache": wb.plan(config, "mxfp4", context_tokens=1024, expert_cache=args.cache),
                  "bf16": wb.plan(config, "bf16", context_tokens=1024)}
@@ -180,7 +184,8 @@ def main() -> None:
         result["stopped_by"] = repr(e)
         raise
     finally:
-        record("mxfp4_fullsize", result)
+        if args.size == "20b":
+            record("mxfp4_fullsize", result)
         if not args.keep and folder.exists():
             shutil.rmtree(folder)
             log(f"deleted {folder}")

@@ -5,13 +5,16 @@
 2. Attention capture of every layer (q/k recorded, patterns not computed) vs plain forward: SmolLM2-135M at
    1,024 tokens under its default sdpa. Goal <= 1.3x. Eager `output_attentions=True` measured for comparison.
 3. Bytes of a gpt-oss-20b trace at 4,096 tokens computed from its config, vs every fp32 pattern (~51 GB).
+4. Batched trace (`--batched`, results under "batched_trace"): s.trace([8 inputs]) vs one plain right-padded
+   forward of the same [8, T] ids and attention mask, routing + attention on the random gpt-oss above and
+   attention on SmolLM2-135M; rows of 64..256 tokens. Goal >= 0.9x the plain batched forward's throughput.
 
 Repetitions are interleaved (plain, traced, plain, traced, ...) so load from other processes hits both alike;
 the figure is the median of per-pair ratios of CPU time (wall-time ratios are recorded too). On a shared
 machine, torch runs one thread here (--threads): idle OpenMP threads spin and inflate both measures
 unevenly when other processes compete for the cores. Results go to benchmarks/results.json under "tracing".
 
-    python benchmarks/bench_tracing.py [--reps 7] [--threads 1]
+    python benchmarks/bench_tracing.py [--reps 7] [--threads 1] [--batched]
 """
 from __future__ import annotations
 
@@ -123,6 +126,43 @@ def bench_attention(reps: int) -> dict:
                                                        "wall": eager["ratio_median_wall"]["eager_output_attentions"]}}
 
 
+def bench_batched(reps: int) -> dict:
+    """Throughput of a batched trace vs the plain batched forward it wraps (same padded ids, same mask)."""
+    from workbench.fixtures.checkpoints import smollm2_path
+    from workbench.inspect.capture import pad_right
+
+    lengths = [64, 96, 128, 160, 192, 224, 256, 80]
+    g = torch.Generator().manual_seed(0)
+    out = {"rows": len(lengths), "lengths": lengths, "tokens": sum(lengths)}
+    gpt_oss = transformers.GptOssConfig(hidden_size=512, intermediate_size=512, num_hidden_layers=8,
+                                        num_local_experts=16, num_experts_per_tok=4, num_attention_heads=8,
+                                        num_key_value_heads=2, head_dim=64, vocab_size=2048, sliding_window=128,
+                                        layer_types=["sliding_attention", "full_attention"] * 4)
+    gpt_oss._attn_implementation = "eager"
+    torch.manual_seed(0)
+    models = {"gpt_oss_random": (transformers.GptOssForCausalLM(gpt_oss).eval(), ["routing", "attention"], 2048),
+              "smollm2": (transformers.AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32).eval(),
+                          ["attention"], 40000)}
+    for name, (model, what, vocab) in models.items():
+        adapter, _ = adapter_for(model.config)
+        rows = [torch.randint(100, vocab, (n,), generator=g).tolist() for n in lengths]
+        ids, mask = pad_right(rows, 0, "cpu")
+
+        def plain():
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+        def batched():
+            trace(model, None, adapter, rows, what=what, budget=None)
+
+        result = interleaved(plain, {"batched_trace": batched}, reps)
+        result["throughput_vs_plain_cpu"] = round(1 / result["ratio_median_cpu"]["batched_trace"], 3)
+        result["throughput_vs_plain_wall"] = round(1 / result["ratio_median_wall"]["batched_trace"], 3)
+        out[name] = {"what": what, "implementation": model.config._attn_implementation, **result}
+    out["goal"] = "batched trace throughput >= 0.9x the plain batched forward"
+    return out
+
+
 def sizes_20b() -> dict:
     config = transformers.GptOssConfig(num_hidden_layers=24, num_local_experts=32, num_experts_per_tok=4,
                                        hidden_size=2880, intermediate_size=2880, num_attention_heads=64,
@@ -142,9 +182,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batched", action="store_true", help="only the batched-trace benchmark")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.batched:
+        out = {**bench_batched(args.reps), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
+               "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+               "date": time.strftime("%Y-%m-%d")}
+        record("batched_trace", out)
+        print(json.dumps(out, indent=2))
+        return
     out = {"routing": bench_routing(args.reps), "attention": bench_attention(args.reps), "gpt_oss_20b_4096": sizes_20b(),
            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},

@@ -174,12 +174,19 @@ def describe(sae: SAE, x: torch.Tensor, strings: list[str]) -> tuple[dict, dict]
         "capitalised word": lambda s: bool(re.fullmatch(r"\s?[A-Z][a-z]+", s)),
     }
     top = f.topk(20, dim=0).indices  # [20, d_sae]: positions of each feature's strongest activations
+    fires = f > 0
     named = {}
     for name, member in classes.items():
+        # the feature that best tells the class apart: highest F1 of "fires" against membership (many features
+        # have an all-member top 20; F1 also asks that it fire on most of the class)
         is_member = torch.tensor([member(s) for s in strings])
-        share = is_member[top].float().mean(0).masked_fill(~fired, -1)
-        best = int(share.argmax())
-        named[name] = {"feature": best, "top20_share": round(float(share[best]), 3),
+        hits = (fires & is_member[:, None]).sum(0).float()
+        precision, recall = hits / fires.sum(0).clamp(min=1), hits / is_member.sum().clamp(min=1)
+        f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-9)
+        best = int(f1.argmax())
+        named[name] = {"feature": best, "f1": round(float(f1[best]), 3), "precision": round(float(precision[best]), 3),
+                       "recall": round(float(recall[best]), 3),
+                       "top20_share": round(float(is_member[top[:, best]].float().mean()), 3),
                        "base_rate": round(float(is_member.float().mean()), 3)}
     return figures, named
 
@@ -250,8 +257,10 @@ def main() -> None:
              f"- final training normalised MSE {log[-1]['nmse']:.4f}",
              f"- held out: normalised MSE {figures['nmse']}, explained variance {figures['explained_variance']}, "
              f"L0 {figures['l0']:.1f}, dead features {figures['dead_features']} of {args.d_sae}", "",
-             "Features whose 20 strongest held-out activations fall most in a token class (share vs base rate):", ""]
-    notes += [f"- {name}: feature {v['feature']} ({v['top20_share']:.0%} of its top 20, base rate "
+             "For a few token classes, the feature that best tells the class apart on held-out tokens (highest F1 "
+             "of \"fires\" against membership):", ""]
+    notes += [f"- {name}: feature {v['feature']} (F1 {v['f1']}: precision {v['precision']:.0%}, recall "
+              f"{v['recall']:.0%}; {v['top20_share']:.0%} of its 20 strongest activations, base rate "
               f"{v['base_rate']:.1%})" for name, v in named.items()]
     (out / "NOTES.md").write_text("\n".join(notes) + "\n")
     print("\n".join(notes))
