@@ -134,7 +134,8 @@ def test_wide_model_bitwise_with_transformers_arithmetic_and_bounded_by_bf16_rou
 
 
 def test_every_feature_gives_the_dequantized_results():
-    """Capture (routing + attention), ablate/force/steer experts, routing_stats, chat and the widget."""
+    """Capture (routing + attention), ablate/force/steer experts, residual steering, patching, routing_stats,
+    chat and the widget."""
     path = model_path("tiny")
     packed, dequantized = session(path, "mxfp4"), session(path, "bf16")
 
@@ -148,6 +149,11 @@ def test_every_feature_gives_the_dequantized_results():
                                    ("steer", s.steer_experts({3: {2: 4.0}}))):
             with intervention:
                 out[name] = s.trace(TEXT, what=["routing"]).routing.indices
+        with s.steer(torch.ones(s.model.config.hidden_size), 1, scale=0.5):  # residual steering
+            out["steered"] = s.trace(TEXT, what=["routing"]).routing.indices
+        ids = s.tokenizer(TEXT)["input_ids"]
+        corrupt = ids[:2] + [ids[2] + 1] + ids[3:]
+        out["patch"] = s.patch(ids, corrupt, at="experts", answers=(0, 1)).scores
         out["stats"] = s.routing_stats([TEXT, TEXT[::-1], "one two"], batch_size=2, progress=False).expert_load
         out["chat"] = s.chat("Hi there", temperature=0, max_new_tokens=12).token_ids
         w = s.widget(temperature=0.0, max_new_tokens=12)
