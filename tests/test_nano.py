@@ -179,6 +179,17 @@ def test_stream_interventions_routing_stats_and_widget_run_on_nano(nano):
 
 # ---- bad input -------------------------------------------------------------------------------------------
 
+def test_default_model_for_moe_is_nano_without_a_gpu_and_unknown_kinds_are_listed():
+    from workbench.errors import WorkbenchError
+    from workbench.model import hardware
+
+    if not hardware.gpus():
+        assert wb.default_model("moe") == wb.default_model("routing") == str(nano_path())
+    with pytest.raises(WorkbenchError, match=r"default_model\('mixture'\): unknown kind\. Kinds: 'chat': .*'attention': "
+                                             r".*'moe': gpt-oss-nano.*'routing'"):
+        wb.default_model("mixture")
+
+
 def test_unknown_layout_lists_the_valid_ones():
     with pytest.raises(ValueError, match="'bf16', 'mxfp4'"):
         nano_path("fp8")
