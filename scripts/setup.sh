@@ -10,7 +10,7 @@ LOCK=()
 # a user's notebook install takes pyproject.toml's ranges.
 [[ "${1:-}" == "--test" ]] && EXTRAS="test" && LOCK=(--constraint requirements/lock.txt)
 
-[[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV"
+[[ -f "$VENV/bin/activate" && -x "$VENV/bin/python" ]] || python3 -m venv --clear "$VENV"  # --clear: a half-made one
 source "$VENV/bin/activate"
 pip install --quiet "pip==26.3"
 if ! python -c "import torch" 2>/dev/null; then
