@@ -1,7 +1,7 @@
 """Throughput of routing_stats vs a plain batched forward over the same texts with the same batching.
 
 Model: a random gpt-oss config (hidden 512, 8 layers, 16 experts top-4, eager attention) written to disk and
-loaded with `wb.load(..., preset="cpu")` (float32), the fixture tokenizer. Corpus: 64 texts of 20-200 words,
+loaded with `wb.load(..., preset="cpu")` (float32), the fixture tokenizer. Corpus: 32 texts of 20-200 words,
 batches of 8, truncated to 256 tokens, right-padded. The plain run does the same work routing_stats does
 apart from counting: tokenize, pad, one forward per batch with the same arguments (attention mask,
 use_cache=False, logits_to_keep=1). Goal: stats throughput >= 0.9x the plain forward's.
@@ -10,7 +10,7 @@ Repetitions are interleaved (plain, stats, plain, stats, ...) and the figure is 
 (benchmarks/bench_tracing.py explains why, and why torch runs one thread here). Results go to
 benchmarks/results.json under "routing_stats".
 
-    python benchmarks/bench_routing_stats.py [--reps 5] [--threads 1]
+    python benchmarks/bench_routing_stats.py [--reps 3] [--texts 32] [--threads 1]
 """
 from __future__ import annotations
 
@@ -62,9 +62,9 @@ def corpus(n: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--texts", type=int, default=64)
+    parser.add_argument("--texts", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=256)
     args = parser.parse_args()
