@@ -67,15 +67,20 @@ def interleaved(plain, variants: dict, reps: int) -> dict:
             "ratios_wall": {k: [round(r[0], 3) for r in v] for k, v in ratios.items()}}
 
 
-def bench_routing(reps: int) -> dict:
+def random_gpt_oss():
+    """The random gpt-oss these benchmarks trace: hidden 512, 8 layers, 16 experts top-4, eager, float32, seed 0."""
     config = transformers.GptOssConfig(hidden_size=512, intermediate_size=512, num_hidden_layers=8,
                                        num_local_experts=16, num_experts_per_tok=4, num_attention_heads=8,
                                        num_key_value_heads=2, head_dim=64, vocab_size=2048, sliding_window=128,
                                        layer_types=["sliding_attention", "full_attention"] * 4)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = transformers.GptOssForCausalLM(config).eval()
-    adapter, _ = adapter_for(config)
+    return transformers.GptOssForCausalLM(config).eval()
+
+
+def bench_routing(reps: int) -> dict:
+    model = random_gpt_oss()
+    adapter, _ = adapter_for(model.config)
     ids = torch.randint(0, 2048, (1, 512))
 
     def plain():
@@ -134,13 +139,7 @@ def bench_batched(reps: int) -> dict:
     lengths = [64, 96, 128, 160, 192, 224, 256, 80]
     g = torch.Generator().manual_seed(0)
     out = {"rows": len(lengths), "lengths": lengths, "tokens": sum(lengths)}
-    gpt_oss = transformers.GptOssConfig(hidden_size=512, intermediate_size=512, num_hidden_layers=8,
-                                        num_local_experts=16, num_experts_per_tok=4, num_attention_heads=8,
-                                        num_key_value_heads=2, head_dim=64, vocab_size=2048, sliding_window=128,
-                                        layer_types=["sliding_attention", "full_attention"] * 4)
-    gpt_oss._attn_implementation = "eager"
-    torch.manual_seed(0)
-    models = {"gpt_oss_random": (transformers.GptOssForCausalLM(gpt_oss).eval(), ["routing", "attention"], 2048),
+    models = {"gpt_oss_random": (random_gpt_oss(), ["routing", "attention"], 2048),
               "smollm2": (transformers.AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32).eval(),
                           ["attention"], 40000)}
     for name, (model, what, vocab) in models.items():

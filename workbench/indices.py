@@ -16,6 +16,17 @@ def format_indices(xs) -> str:
     return ", ".join(map(str, xs))
 
 
+def as_integer(value, error) -> int:
+    """`value` as an int (numpy integers from widgets too), never a bool; otherwise raises `error()`, a
+    callable so its message is only built when it is needed."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise error() from None
+
+
 def resolve_index(value, valid, what: str, where: str, error: type[Exception] = ValueError, hint: str = "",
                   count: int | None = None, context: str = "") -> int:
     """`value` if it is one of `valid`, else `error` naming the valid ones. A negative value counts from
@@ -23,13 +34,8 @@ def resolve_index(value, valid, what: str, where: str, error: type[Exception] = 
     Integers only (numpy integers from widgets too), never bools. `context` follows the value in messages
     ("expert 9 (layer 0) out of range: this model has experts 0..7")."""
     valid = list(valid)
-    if isinstance(value, bool):
-        raise error(f"{what} must be an integer, not {value!r}: {where} has {what}s {format_indices(valid)}.")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise error(f"{what} must be an integer, not {value!r}: {where} has {what}s "
-                    f"{format_indices(valid)}.") from None
+    value = as_integer(value, lambda: error(f"{what} must be an integer, not {value!r}: {where} has {what}s "
+                                            f"{format_indices(valid)}."))
     if value < 0 and count is not None and -count <= value:
         value += count
     elif value < 0 and count is None and -len(valid) <= value:

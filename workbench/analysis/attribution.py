@@ -29,13 +29,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import html
-import operator
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from workbench.errors import AttributionError
+from workbench.indices import as_integer
 from workbench.inspect.routing import Routed, watch_routing
 from workbench.inspect.trace import as_token_ids
 from workbench.model.adapters import input_device, text_config
@@ -126,25 +126,15 @@ def resolve_target(tokenizer, target, vocab: int) -> int:
                 f"target {target!r} is {len(ids)} tokens ({pieces}), not one: give a single token's text "
                 f"(often with its leading space, e.g. ' Paris') or its id.")
         return ids[0]
-    if isinstance(target, bool) or isinstance(target, float):
-        raise AttributionError(f"target must be a token id or one token's text, not {target!r}.")
-    try:
-        target = operator.index(target)
-    except TypeError:
-        raise AttributionError(f"target must be a token id (int) or one token's text (str), not "
-                               f"{type(target).__name__}.") from None
+    target = as_integer(target, lambda: AttributionError(
+        f"target must be a token id (int) or one token's text (str), not {target!r}."))
     if not 0 <= target < vocab:
         raise AttributionError(f"target id {target} is out of range: the vocabulary has ids 0..{vocab - 1}.")
     return target
 
 
 def resolve_position(position, n: int) -> int:
-    if isinstance(position, bool):
-        raise AttributionError(f"position must be an integer, not {position!r}.")
-    try:
-        position = operator.index(position)
-    except TypeError:
-        raise AttributionError(f"position must be an integer, not {type(position).__name__}.") from None
+    position = as_integer(position, lambda: AttributionError(f"position must be an integer, not {position!r}."))
     if not -n <= position < n:
         raise AttributionError(f"position {position} is out of range: the input has {n} tokens "
                                f"(positions 0..{n - 1}, or -{n}..-1 from the end).")

@@ -35,13 +35,13 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
-import operator
 import re
 from pathlib import Path
 
 import torch
 
 from workbench.errors import CaptureError, SAEError
+from workbench.indices import as_integer
 from workbench.intervene.steering import steer
 from workbench.model.adapters import adapter_for, text_config
 
@@ -339,12 +339,7 @@ def _load_dictionary_learning(folder: Path, layer: int | None) -> SAE:
 
 
 def _layer(layer) -> int:
-    if isinstance(layer, bool):
-        raise SAEError(f"layer must be an integer, not {layer!r}.")
-    try:
-        layer = operator.index(layer)
-    except TypeError:
-        raise SAEError(f"layer must be an integer, not {layer!r}.") from None
+    layer = as_integer(layer, lambda: SAEError(f"layer must be an integer, not {layer!r}."))
     if layer < 0:
         raise SAEError(f"layer {layer}: give the decoder layer the SAE reads as a non-negative index.")
     return layer
