@@ -239,3 +239,24 @@ def test_missing_folder_or_manifest(tmp_path, copy_of_nano):
     (copy_of_nano / "MANIFEST.json").write_text("{not json")
     with pytest.raises(ModelNotFoundError, match="unreadable"):
         nano_path(root=copy_of_nano)
+
+
+def test_an_older_nano_is_refused_by_version(copy_of_nano):
+    manifest = json.loads((copy_of_nano / "MANIFEST.json").read_text())
+    manifest.pop("nano_version")                    # version 1 wrote no version
+    (copy_of_nano / "MANIFEST.json").write_text(json.dumps(manifest))
+    with pytest.raises(nano_module.NanoCheckpointError, match=r"version 1 .*expect version 2.*python scripts/nano/train\.py"):
+        nano_path(root=copy_of_nano)
+
+
+def test_a_nano_of_another_shape_is_refused_naming_the_difference(copy_of_nano):
+    config_file = copy_of_nano / "bf16" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["num_local_experts"] = 16
+    config_file.write_text(json.dumps(config))
+    manifest = json.loads((copy_of_nano / "MANIFEST.json").read_text())
+    manifest["layouts"]["bf16"]["config.json"] = {"sha256": nano_module._sha256(config_file),
+                                                  "bytes": config_file.stat().st_size}
+    (copy_of_nano / "MANIFEST.json").write_text(json.dumps(manifest))
+    with pytest.raises(nano_module.NanoCheckpointError, match=r"num_local_experts is 16 where nano has 8"):
+        nano_path(root=copy_of_nano)

@@ -40,7 +40,7 @@ LICENSES_DIR = "/usr/share/common-licenses"
 SYNTHETIC_KINDS = ("arith", "dates", "lists", "facts", "tool")
 EFFORTS = ("low", "medium", "high")
 # Conversations generated for training, per kind (≈ 130 tokens each).
-N_TRAIN = {"arith": 24000, "dates": 8000, "lists": 8000, "facts": 6000, "tool": 8000}
+N_TRAIN = {"arith": 60000, "dates": 8000, "lists": 8000, "facts": 12000, "tool": 16000}
 N_TEST = {"arith": 300, "dates": 100, "lists": 100, "facts": 100, "tool": 100}
 
 

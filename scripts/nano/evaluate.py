@@ -261,6 +261,36 @@ def mxfp4_vs_bf16(fixture: pathlib.Path, sequences: list[list[int]]) -> dict:
 
 # ---- main -------------------------------------------------------------------------------------
 
+def targeted_questions(seed: int) -> list[dict]:
+    """Questions the targets are measured on, beyond the held-out conversation mix:
+    every held-out sum (pairs never seen in training) at medium effort, 150 of them at low and at high; every
+    country's capital in a trained phrasing under each effort (the facts are trained, these conversations are
+    new); the unseen phrasing is the `facts` kind of the held-out mix."""
+    import random
+
+    held = sorted(build_data.heldout_sums(seed))
+    rng = random.Random(f"{seed}-targets")
+    qs = []
+    for effort, pairs in (("medium", held), ("low", rng.sample(held, 150)), ("high", rng.sample(held, 150))):
+        for a, b in pairs:
+            qs.append({"kind": "arith", "effort": effort, "tools": None, "answer": str(a + b), "a": a, "b": b,
+                       "prompt": [{"role": "user", "content": build_data.ARITH_TEMPLATES[0].format(a=a, b=b)}]})
+    for country, capital in build_data.CAPITALS:
+        for effort in build_data.EFFORTS:
+            qs.append({"kind": "facts", "effort": effort, "tools": None, "answer": capital,
+                       "prompt": [{"role": "user", "content": build_data.FACT_TEMPLATES_TRAIN[0].format(c=country)}]})
+    return qs
+
+
+def targets(model, tokenizer, seed: int) -> dict:
+    r = harmony_and_accuracy(model, tokenizer, targeted_questions(seed), max_new_tokens=120)
+    ar, fa = r["by_kind"]["arith"], r["by_kind"]["facts"]
+    return {"heldout_sums": {"n": ar["n"], "by_effort": ar["by_effort"]},
+            "capitals_trained_phrasing": {"n": fa["n"], "correct": fa["correct"], "by_effort": fa["by_effort"]},
+            "harmony_form_share": r["harmony_form_share"], "generation_seconds": r["generation_seconds"],
+            "arith_wrong_examples": r["examples"]["arith_wrong"]}
+
+
 def main(argv=None):
     import train as train_script
 
@@ -295,6 +325,10 @@ def main(argv=None):
     result["arithmetic"] = {"heldout_sum_accuracy": ar.get("correct"), "n": ar.get("n"),
                             "by_effort": {e: v["correct"] for e, v in ar.get("by_effort", {}).items()}}
     print("harmony", result["harmony"]["harmony_form_share"], "arith", result["arithmetic"], flush=True)
+    if not args.quick:
+        result["targets"] = targets(model, tokenizer, held["seed"])
+        print("targets", json.dumps({k: v for k, v in result["targets"].items() if k != "arith_wrong_examples"}),
+              flush=True)
 
     sequences = trace_texts(tokenizer, test_rows, per_kind=1 if args.quick else 3)
     shipped = json.loads((fixture / "heldout.json").read_text())

@@ -1,0 +1,91 @@
+"""Behaviour on a batch of questions: greedy answers, many at once, and how many are right.
+
+    answers = behaviour.ask(s, ["What is 23 + 19?", ...], reasoning_effort="medium")
+    answers.accuracy(["42", ...])
+    with s.ablate_experts({1: [3]}):                 # the same questions with an expert switched off
+        off = behaviour.ask(s, questions)
+
+Interventions are contexts on the session, so whatever is active when `ask` runs acts on every answer. The batch
+runs through the model's own `generate` (left-padded, cached decode, greedy); each answer is cut at its first stop
+token and parsed like `s.chat`'s (harmony channels for gpt-oss). Greedy answers from a padded batch equal `s.chat`'s
+one by one up to floating-point ties (tests/test_behaviour.py checks it on gpt-oss-nano).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from workbench.chat import harmony as chat_format
+from workbench.errors import WorkbenchError
+
+
+@dataclass
+class Answers:
+    """Greedy answers to `questions`: the final channel (the whole text for a model without harmony), the
+    analysis channel, whether the answer has the expected form, and the completion's token ids."""
+
+    questions: list[str]
+    finals: list[str]
+    analyses: list[str]
+    form_ok: list[bool]
+    token_ids: list[list[int]] = field(repr=False)
+
+    def right(self, expected) -> list[bool]:
+        """Per question: the final answer equals the expected one (compared as stripped strings)."""
+        expected = [str(e).strip() for e in expected]
+        if len(expected) != len(self.finals):
+            raise WorkbenchError(f"{len(expected)} expected answers for {len(self.finals)} questions: give one each")
+        return [f == e for f, e in zip(self.finals, expected)]
+
+    def accuracy(self, expected) -> float:
+        r = self.right(expected)
+        return sum(r) / len(r) if r else float("nan")
+
+    def __len__(self) -> int:
+        return len(self.finals)
+
+
+def _parsed(tokenizer, ids: list[int], stops: set[int]) -> tuple[str, str, bool]:
+    parser = chat_format.parse(tokenizer, ids)
+    if not chat_format.is_harmony(tokenizer):
+        text = parser.channels.get("final", "").strip()
+        return text, "", bool(text)
+    messages = [(m["channel"], m.get("recipient")) for m in parser.messages]
+    ok = messages == [("analysis", None), ("final", None)] and bool(ids) and ids[-1] in stops
+    return parser.channels.get("final", "").strip(), parser.channels.get("analysis", "").strip(), ok
+
+
+@torch.no_grad()
+def ask(session, questions, *, reasoning_effort: str | None = "medium", max_new_tokens: int = 96,
+        batch: int = 32) -> Answers:
+    """Greedy answers to each question (a user turn), `batch` at a time, under whatever interventions are active."""
+    if isinstance(questions, str):
+        raise WorkbenchError("ask takes a list of questions; for one question use s.chat(question)")
+    questions = list(questions)
+    if not all(isinstance(q, str) for q in questions):
+        raise WorkbenchError("every question must be a str (the user's turn)")
+    if max_new_tokens < 1 or batch < 1:
+        raise WorkbenchError(f"max_new_tokens and batch must be at least 1 (got {max_new_tokens}, {batch})")
+    model, tokenizer = session.model, session.tokenizer
+    stops = chat_format.stop_token_ids(tokenizer, model.generation_config)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    effort = reasoning_effort if session.harmony else None
+    prompts = [session.render(q, reasoning_effort=effort) for q in questions]
+    device = model.get_input_embeddings().weight.device
+    completions: list[list[int]] = []
+    with session.exclusive("asking questions"):
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i:i + batch]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                                 eos_token_id=stops, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+            for row in out[:, width:].tolist():
+                cut = next((j for j, t in enumerate(row) if t in stops), None)
+                completions.append(row[:cut + 1] if cut is not None else row)
+    stop_set = set(stops)
+    parsed = [_parsed(tokenizer, ids, stop_set) for ids in completions]
+    return Answers(questions=questions, finals=[p[0] for p in parsed], analyses=[p[1] for p in parsed],
+                   form_ok=[p[2] for p in parsed], token_ids=completions)
