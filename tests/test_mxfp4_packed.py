@@ -177,6 +177,7 @@ def test_every_feature_gives_the_dequantized_results():
 
 
 def test_each_chosen_expert_is_dequantized_once_per_forward(monkeypatch):
+    monkeypatch.setenv("WORKBENCH_MXFP4_KERNEL", "0")  # the plain path (the C++ kernel: tests/test_mxfp4_kernel.py)
     s = session(model_path("tiny"), "mxfp4")
     which = {}  # data pointer of each expert's blocks -> (layer, projection, expert)
     for m in mxfp4_packed.packed_experts(s.model):

@@ -17,6 +17,9 @@ checkpoint's bytes instead and dequantizes, in each forward, only the experts th
   capture and routing interventions (workbench/inspect/routing.py) work as on every other path.
 - `ExpertCache` (optional, `expert_cache="2GB"`) keeps dequantized expert matrices in a least-recently-used
   cache within a byte budget, for decoding, where consecutive tokens often reuse experts.
+- On the CPU the grouped matmul runs in a C++ kernel (mxfp4_kernel.py) that multiplies straight from the packed
+  bytes, unless it cannot be built, `WORKBENCH_MXFP4_KERNEL=0`, an expert cache is set (the plain path serves
+  it) or under `transformers_arithmetic`. Its bound against the plain path is documented there.
 
 Exactly the same model, and where it is not bit for bit:
 - `dequantize` equals transformers' `convert_moe_packed_tensors` bit for bit for every byte and every scale
@@ -52,6 +55,7 @@ import torch
 from torch import nn
 
 from workbench.errors import PresetError
+from workbench.model import mxfp4_kernel
 from workbench.sizes import format_bytes, parse_bytes
 
 PATH_NATIVE, PATH_PACKED, PATH_DEQUANTIZED = "native kernels", "packed (workbench)", "dequantized"
@@ -217,8 +221,19 @@ class PackedMxfp4Experts(nn.Module):
         """(gate_up [H, 2I], down [I, H]): one expert in transformers' GptOssExperts layout, in the model's dtype."""
         return tuple(self.dequantized(proj, expert, self.gate_up_proj_bias.dtype).t() for proj in PROJECTIONS)
 
+    @property
+    def kernel_path(self) -> str:
+        """What runs the expert matmuls now: "packed MXFP4, C++ kernel (...)" or "packed MXFP4, plain torch (why)"."""
+        if self.exact:
+            return "packed MXFP4, plain torch (transformers_arithmetic: transformers' own matmul layout)"
+        return mxfp4_kernel.describe(self.gate_up_proj_blocks.device.type, cache=self.cache is not None)
+
     def _grouped(self, x: torch.Tensor, proj: str, counts: list[int]) -> torch.Tensor:
         """transformers' grouped matmul (rows sorted by expert, `counts` rows each), one chosen expert at a time."""
+        ops = None if self.exact or self.cache is not None else mxfp4_kernel.kernel(x.device)
+        if ops is not None:  # the C++ kernel: straight from the packed bytes (few rows) or dequantize once + GEMM
+            return mxfp4_kernel.grouped_mm(ops, x, getattr(self, f"{proj}_blocks"), getattr(self, f"{proj}_scales"),
+                                           counts, name=f"layer {self.layer} {proj}")
         out = x.new_empty(x.shape[0], getattr(self, f"{proj}_blocks").shape[1])
         start = 0
         for expert, n in enumerate(counts):
@@ -367,6 +382,8 @@ def from_pretrained(folder: str | pathlib.Path, config: Any, *, expert_cache_byt
     plain._experts_implementation_internal = None  # a plan's meta build may have set grouped_mm: ours is "eager"
     model = packed_model_class().from_pretrained(folder, config=plain, **kwargs)
     cache = ExpertCache(expert_cache_bytes) if expert_cache_bytes else None
+    if not cache and model.device.type == "cpu":
+        mxfp4_kernel.kernel()  # build (or find the cached build of) the C++ kernel now, not in the first forward
     for experts in packed_experts(model):
         experts.cache = cache
     if quantization is not None:  # still an MXFP4 model: save_pretrained writes the checkpoint's layout

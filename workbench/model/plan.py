@@ -106,6 +106,11 @@ class Plan:
         if self.dequantized_bytes is not None:
             lines.append(f"experts: {self.mxfp4_path}; transformers alone (no native kernels) would dequantize them "
                          f"to bf16: {format_bytes(self.dequantized_bytes)} (preset 'bf16' loads that)")
+        if self.mxfp4_path == "packed (workbench)":  # what will run the expert matmuls (never compiles here)
+            from workbench.model import mxfp4_kernel
+
+            where = "cuda" if self.target.startswith("cuda") else "cpu"
+            lines.append("expert matmuls: " + mxfp4_kernel.describe(where, cache=self.expert_cache_bytes > 0, build=False))
         if self.expert_cache_bytes:
             lines.append(f"expert cache (dequantized experts, least recently used evicted): up to "
                          f"{format_bytes(self.expert_cache_bytes)}")

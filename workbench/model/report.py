@@ -9,6 +9,7 @@ import logging
 import torch
 from torch import nn
 
+from workbench.model import mxfp4_kernel
 from workbench.model.adapters import Adapter
 from workbench.model.mxfp4_packed import (
     PATH_DEQUANTIZED,
@@ -38,6 +39,13 @@ class LoadReport:
     transformers_warnings: list[str]
     mxfp4_path: str | None = None  # MXFP4 checkpoints: "native kernels", "packed (workbench)" or "dequantized"
     expert_cache_bytes: int = 0  # the packed path's cache budget (empty at load)
+    # the packed path: what runs its expert matmuls ("packed MXFP4, C++ kernel (...)" or "..., plain torch (why)")
+    mxfp4_kernel: str | None = None
+
+    def __post_init__(self):
+        if self.mxfp4_path == PATH_PACKED and self.mxfp4_kernel is None:
+            device = "cuda" if any(d.startswith("cuda") for d in self.bytes_by_device) else "cpu"
+            self.mxfp4_kernel = mxfp4_kernel.describe(device, cache=self.expert_cache_bytes > 0)
 
     @property
     def total_bytes(self) -> int:
@@ -58,6 +66,7 @@ class LoadReport:
             ("fallback", self.fallback or "none"),
             *([("mxfp4 experts", self.mxfp4_path + (f", expert cache up to {format_bytes(self.expert_cache_bytes)}"
                                                     if self.expert_cache_bytes else ""))] if self.mxfp4_path else []),
+            *([("expert matmuls", self.mxfp4_kernel)] if self.mxfp4_kernel else []),
             ("weights by group", dtypes),
             ("measured weights", f"{format_bytes(self.total_bytes)} ({placement}); plan said {format_bytes(self.planned_bytes)}"),
             ("attention", self.attn_implementation),
