@@ -11,6 +11,7 @@ import shutil
 import pytest
 
 import workbench as wb
+from workbench.analysis import behaviour
 from workbench.errors import ModelNotFoundError
 from workbench.fixtures import nano_path
 from workbench.fixtures import nano as nano_module
@@ -93,9 +94,6 @@ def test_answers_a_held_out_sum_in_harmony_form(nano, held):
     g = nano.chat("What is 23 + 19?", temperature=0, max_new_tokens=200)
     assert [m["channel"] for m in g.messages] == ["analysis", "final"]
     assert g.token_ids[-1] == nano.tokenizer.convert_tokens_to_ids("<|return|>")
-    # The measured accuracy on held-out sums is near zero (eval.json, MODEL_CARD.md): the model writes the worked
-    # column addition it was trained on, but with digits it has not learned to copy from the question. So this
-    # checks the form of the reasoning and of the answer, not the sum.
     assert re.search(r"Ones: \d \+ \d = \d+, write \d, carry \d\.", g.channels["analysis"])
     assert re.fullmatch(r"\d+", g.channels["final"].strip())
     assert g.text.strip() == g.channels["final"].strip()
@@ -106,18 +104,52 @@ def _binomial_floor(p: float, n: int) -> float:
     return max(0.0, p - 3 * math.sqrt(p * (1 - p) / n))
 
 
-@pytest.mark.slow
 def test_held_out_sums_at_the_measured_accuracy(nano, measured, held):
-    """A fixed set of held-out sums at the default (medium) effort: right at no less than three standard
-    deviations below the accuracy evaluate.py measured for medium effort."""
-    p = measured["arithmetic"]["by_effort"]["medium"]
-    sums = held["heldout_sums"][::97][:10]
-    right = 0
-    for a, b in sums:
-        g = nano.chat(f"What is {a} + {b}?", temperature=0, max_new_tokens=200)
-        assert [m["channel"] for m in g.messages] == ["analysis", "final"], g.channels
-        right += g.channels["final"].strip() == str(a + b)
-    assert right / len(sums) >= _binomial_floor(p, len(sums))
+    """48 held-out sums at medium effort, answered in one batch: right at no less than three standard deviations
+    below the accuracy evaluate.py measured on every held-out pair at medium effort."""
+    p = measured["targets"]["heldout_sums"]["by_effort"]["medium"]["correct"]
+    sums = held["heldout_sums"][::21][:48]
+    answers = behaviour.ask(nano, [f"What is {a} + {b}?" for a, b in sums], reasoning_effort="medium")
+    assert sum(answers.form_ok) == len(sums)
+    assert answers.accuracy([a + b for a, b in sums]) >= _binomial_floor(p, len(sums))
+
+
+def test_capitals_at_the_measured_accuracy(nano, measured, held):
+    p = measured["targets"]["capitals_trained_phrasing"]["correct"]
+    caps = held["capital_questions"]
+    answers = behaviour.ask(nano, [c["question"] for c in caps], reasoning_effort="low")
+    assert answers.accuracy([c["answer"] for c in caps]) >= _binomial_floor(p, len(caps))
+
+
+def test_measured_targets_are_recorded_with_their_goals(measured, held):
+    """What evaluate.py measured for each target is in eval.json, on the question counts the card states."""
+    t, h = measured["targets"], measured["harmony"]
+    assert t["heldout_sums"]["by_effort"]["medium"]["n"] == measured["heldout"]["sums_held_out"]
+    assert {"low", "medium", "high"} <= set(t["heldout_sums"]["by_effort"])
+    assert t["capitals_trained_phrasing"]["n"] == 3 * len(held["capital_questions"])
+    for share in (h["harmony_form_share"], h["tool_call_correct_share"], t["capitals_trained_phrasing"]["correct"]):
+        assert 0.0 <= share <= 1.0
+    assert h["harmony_form_share"] >= 0.95
+
+
+def test_the_expert_the_sums_need_breaks_them_and_its_layer_mates_do_not(nano, measured):
+    """Notebook 06's claim, re-measured on 32 of the sums evaluate.py used: with the expert whose absence cost the
+    most switched off, fewer sums are right than with any of the two least harmful experts of its layer off."""
+    ab = measured["expert_ablation"]
+    layer, needed = ab["needed"]["layer"], ab["needed"]["expert"]
+    row = ab["accuracy_with_expert_off"][layer]
+    assert ab["needed"]["accuracy"] < min(a for e, a in enumerate(row) if e != needed)
+    controls = sorted((e for e in range(len(row)) if e != needed), key=lambda e: -row[e])[:2]
+    pairs = ab["pairs"][::2][:32]
+    questions, expected = [f"What is {a} + {b}?" for a, b in pairs], [a + b for a, b in pairs]
+
+    def accuracy_without(e):
+        with nano.ablate_experts({layer: [e]}):
+            return behaviour.ask(nano, questions).accuracy(expected)
+
+    off = accuracy_without(needed)
+    assert off < min(accuracy_without(e) for e in controls)
+    assert off < behaviour.ask(nano, questions).accuracy(expected)
 
 
 def test_measured_harmony_form_meets_the_goal(measured):

@@ -101,7 +101,7 @@ def test_references_to_sections_and_notebooks_point_at_real_ones():
 
 
 GUIDES = ["01_load_and_chat", "02_harmony_format", "03_attention_and_sinks", "04_expert_routing", "05_quantization",
-          "06_interventions", "07_corpus_statistics", "08_patching_steering_features"]
+          "06_interventions", "07_corpus_statistics", "08_patching_steering_features", "09_find_the_experts"]
 
 
 def test_the_guides_are_the_ones_the_readme_lists():

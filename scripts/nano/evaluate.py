@@ -124,7 +124,7 @@ def _prompt_ids(tokenizer, q) -> list[int]:
 
 
 @torch.no_grad()
-def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch: int = 16) -> list[list[int]]:
+def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch: int = 32) -> list[list[int]]:
     """Greedy completions, batched with left padding; each cut at its first stop token."""
     from workbench.chat import harmony as chat
 
@@ -291,6 +291,29 @@ def targets(model, tokenizer, seed: int) -> dict:
             "arith_wrong_examples": r["examples"]["arith_wrong"]}
 
 
+def expert_ablation(session, seed: int, n: int = 64) -> dict:
+    """Held-out sums right (medium effort) with each expert of each layer switched off in turn (re-routed: the
+    router's top-k over the rest), the lesson of notebook 06 measured on more sums than the notebook asks."""
+    from workbench.analysis import behaviour
+
+    held = sorted(build_data.heldout_sums(seed))
+    pairs = held[:: max(1, len(held) // n)][:n]
+    questions, expected = [f"What is {a} + {b}?" for a, b in pairs], [str(a + b) for a, b in pairs]
+    config = session.model.config
+    base = behaviour.ask(session, questions).accuracy(expected)
+    grid = []
+    for layer in range(config.num_hidden_layers):
+        row = []
+        for e in range(config.num_local_experts):
+            with session.ablate_experts({layer: [e]}):
+                row.append(round(behaviour.ask(session, questions).accuracy(expected), 4))
+        grid.append(row)
+    flat = [(a, l, e) for l, row in enumerate(grid) for e, a in enumerate(row)]
+    worst, layer, expert = min(flat)
+    return {"n_sums": n, "pairs": pairs, "as_trained": round(base, 4), "accuracy_with_expert_off": grid,
+            "needed": {"layer": layer, "expert": expert, "accuracy": worst}}
+
+
 def main(argv=None):
     import train as train_script
 
@@ -328,6 +351,9 @@ def main(argv=None):
     if not args.quick:
         result["targets"] = targets(model, tokenizer, held["seed"])
         print("targets", json.dumps({k: v for k, v in result["targets"].items() if k != "arith_wrong_examples"}),
+              flush=True)
+        result["expert_ablation"] = expert_ablation(s, held["seed"])
+        print("expert ablation", json.dumps({k: v for k, v in result["expert_ablation"].items() if k != "pairs"}),
               flush=True)
 
     sequences = trace_texts(tokenizer, test_rows, per_kind=1 if args.quick else 3)
