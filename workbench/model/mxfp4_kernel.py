@@ -147,11 +147,10 @@ def _self_check(ops) -> str | None:
             return "grouped_matvec outside its error bound"
     every = torch.arange(256 * 256).remainder(256).to(torch.uint8).view(256, 16, 16)
     every_scale = torch.arange(256, dtype=torch.uint8).view(256, 1).expand(256, 16).contiguous()
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, bits in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16)):
         buf = torch.empty(256, 512, dtype=dtype)
         ops.dequantize_into(every, every_scale, lut(), buf)
-        if not torch.equal(buf.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                           dequantize(every, every_scale, dtype).view(buf.view(torch.int16 if dtype == torch.bfloat16 else torch.int32).dtype)):
+        if not torch.equal(buf.view(bits), dequantize(every, every_scale, dtype).view(bits)):  # NaN and inf too
             return f"dequantize_into differs from dequantize in {dtype}"
     return None
 
