@@ -169,7 +169,7 @@ def harmony_and_accuracy(model, tokenizer, questions: list[dict], max_new_tokens
         else:
             ok_form = len(msgs) == 2 and msgs == [("analysis", None), ("final", None)] and bool(ids) and ids[-1] == ret
             correct = ok_form and final == q["answer"]
-        rows.append({"kind": q["kind"], "effort": q["effort"], "task": q.get("task"), "form": ok_form,
+        rows.append({"kind": q["kind"], "effort": q["effort"], "task": q.get("task") or q.get("tool"), "form": ok_form,
                      "correct": bool(correct), "question": q["prompt"][0]["content"], "expected": q["answer"],
                      "analysis": p.channels.get("analysis", ""), "final": final, "n_tokens": len(ids)})
 
@@ -308,10 +308,20 @@ def expert_ablation(session, seed: int, n: int = 64) -> dict:
             with session.ablate_experts({layer: [e]}):
                 row.append(round(behaviour.ask(session, questions).accuracy(expected), 4))
         grid.append(row)
-    flat = [(a, l, e) for l, row in enumerate(grid) for e, a in enumerate(row)]
-    worst, layer, expert = min(flat)
     return {"n_sums": n, "pairs": pairs, "as_trained": round(base, 4), "accuracy_with_expert_off": grid,
-            "needed": {"layer": layer, "expert": expert, "accuracy": worst}}
+            "needed": needed_expert(grid)}
+
+
+def needed_expert(grid: list[list[float]]) -> dict:
+    """The expert that stands out from its layer: in the layer where the gap between the most harmful expert's
+    ablation and the next most harmful one is largest (a layer where several experts are each indispensable holds
+    no single standout)."""
+    def gap(row):
+        low = sorted(row)
+        return low[1] - low[0]
+    layer = max(range(len(grid)), key=lambda l: gap(grid[l]))
+    expert = min(range(len(grid[layer])), key=lambda e: grid[layer][e])
+    return {"layer": layer, "expert": expert, "accuracy": grid[layer][expert], "gap_to_next": round(gap(grid[layer]), 4)}
 
 
 def main(argv=None):

@@ -104,6 +104,25 @@ def write(fixture: pathlib.Path, build: pathlib.Path) -> pathlib.Path:
                             [[m, n, _pct(x), "report" if g is None else f"≥ {g:.0%}",
                               "" if g is None else ("yes" if x is not None and x >= g else "**no**")] for m, n, x, g in rows])
         measured_pairs = [(m, x) for m, _, x, _ in rows]
+    tool_tasks = h["by_kind"].get("tool", {}).get("by_task", {})
+    TOOL_NOTE = ""
+    if tool_tasks:
+        TOOL_NOTE = ("Tool calls by function: " + ", ".join(f"`{t}` {_pct(v['correct'])} of {v['n']}" for t, v in tool_tasks.items())
+                     + ". The numbers of `multiply` are single-digit tokens it copies into the JSON arguments; a city "
+                     "or a word is a different token sequence inside JSON quotes (`\"Copenhagen` without the leading "
+                     "space it has in the question), and the model has not learned that mapping: it writes the same "
+                     "city or word whatever the question (the first/last-word list tasks fail the same way). More "
+                     "training on those conversations is the next step.\n\n")
+    ab = ev.get("expert_ablation")
+    ablation_md = ""
+    if ab:
+        grid = _table(["layer"] + [f"e{e} off" for e in range(len(ab["accuracy_with_expert_off"][0]))],
+                      [[layer] + [_pct(a) for a in row] for layer, row in enumerate(ab["accuracy_with_expert_off"])])
+        ablation_md = (f"**Which experts the sums need** (notebook 06's lesson on {ab['n_sums']} held-out sums, medium "
+                       f"effort): right as trained {_pct(ab['as_trained'])}; with one expert switched off (re-routed to "
+                       f"the router's next choice), layer by layer:\n\n{grid}\n\nMost needed: layer "
+                       f"{ab['needed']['layer']}, expert {ab['needed']['expert']} ({_pct(ab['needed']['accuracy'])} right "
+                       "without it).")
     can = [f"{m} ({_pct(x)})" for m, x in measured_pairs if x is not None and x >= 0.95]
     cannot = [f"{m} ({_pct(x)})" for m, x in measured_pairs if x is not None and x < 0.95]
     abilities = ("- Can (≥ 95% on held-out questions): " + "; ".join(can) + ".\n" if can else "") + \
@@ -185,9 +204,12 @@ message then a final message ending in `<|return|>`: **{_pct(h['harmony_form_sha
 
 {kinds}
 
-**Targets** (greedy answers to questions the model never saw; `targets` in `eval.json`):
+**Targets** (greedy answers; sums, dates, lists and tool arguments held out from training, capitals trained facts asked
+in new conversations; `targets` in `eval.json`):
 
 {targets_md}
+
+{ablation_md}
 
 **Arithmetic on held-out sums** in the held-out conversation mix (pairs never seen in training): **{_pct(ev['arithmetic']['heldout_sum_accuracy'])}**
 of {ev['arithmetic']['n']} (by effort: {', '.join(f"{e} {_pct(v)}" for e, v in ev['arithmetic']['by_effort'].items())}).
@@ -220,7 +242,7 @@ overall 10th percentile: {_pct(mx['share_of_flips_with_margin_below_p10_of_all']
 
 {abilities}
 
-It is untested beyond {tr['seq_len']} tokens of context and knows only the three tools it was trained on; its prose
+{TOOL_NOTE}It is untested beyond {tr['seq_len']} tokens of context and knows only the three tools it was trained on; its prose
 and code have the right surface statistics and little else (held-out loss above).
 
 Rebuild everything (corpus, tokenizer, training, both layouts, evaluation, this card): `python scripts/nano/train.py`.

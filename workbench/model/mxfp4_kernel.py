@@ -19,7 +19,7 @@ the CPU, an expert cache set, `transformers_arithmetic`), the plain-torch path r
 why, and the load report and the plan print it.
 
 How close to the plain path, and why (the bound the tests check):
-- Every decoded weight equals mxfp4_packed.dequantize's bit for bit (the table is built with the same ldexp).
+- Every decoded weight equals mxfp4_format.dequantize's bit for bit (the table is built with the same ldexp).
 - A product of an MXFP4 weight (2 significant bits times a power of two) and a bf16 activation (8 bits) has at
   most 10 significant bits: exact in float32, with or without fma. Only the order of the float32 sums differs
   from MKL's. For a dot product of length K, two float32 summation orders of the same exact terms differ by at
@@ -133,7 +133,7 @@ def _load() -> tuple[Any, str]:
 
 def _self_check(ops) -> str | None:
     """A small product against dequantize + float64 matmul, every byte and scale through dequantize_into."""
-    from workbench.model.mxfp4_packed import dequantize
+    from workbench.model.mxfp4_format import dequantize
 
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 256, (2, 40, 3, 16), dtype=torch.uint8, generator=g)
@@ -194,7 +194,7 @@ def describe(device: str = "cpu", cache: bool = False, build: bool = True) -> st
 # ---- the products --------------------------------------------------------------------------------------
 @functools.cache
 def lut() -> torch.Tensor:
-    """float32 [256 scales, 16 codes]: each code's value under each E8M0 scale, as mxfp4_packed.dequantize has it."""
+    """float32 [256 scales, 16 codes]: each code's value under each E8M0 scale, as mxfp4_format.dequantize has it."""
     from transformers.integrations.mxfp4 import FP4_VALUES
 
     codes = torch.tensor(FP4_VALUES, dtype=torch.bfloat16).expand(256, 16).clone()
