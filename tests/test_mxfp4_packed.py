@@ -125,7 +125,9 @@ def test_wide_model_bitwise_with_transformers_arithmetic_and_bounded_by_bf16_rou
     full, full_routing = logits_and_routing(f32, ids)
     fast_vs_ref = (fast.float() - ref.float()).abs().max()
     ref_vs_f32, fast_vs_f32 = ((x.float() - full).abs().max() for x in (ref, fast))
-    assert 0 < fast_vs_ref < ref_vs_f32 / 4  # measured here: 0.031 vs 0.308 (logits up to 4.75)
+    # Plain path (float32 matmuls): measured 0.031 vs 0.308 (logits up to 4.75). The C++ kernel's prefill GEMM runs in
+    # bf16 on CPUs with bf16 instructions, like transformers' own: there the difference can be exactly 0.
+    assert fast_vs_ref < ref_vs_f32 / 4
     assert fast_vs_f32 <= ref_vs_f32  # measured: 0.306 vs 0.308
 
     def changed(a, b):  # tokens whose expert set differs, over all layers
