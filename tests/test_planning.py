@@ -8,6 +8,7 @@ bf16) is about 13.8 GB on disk (12.8 GiB); in bf16 its ~20.9B parameters take ~4
 import json
 
 import pytest
+import torch
 
 from workbench import errors
 from workbench.model import hardware, planning, sources
@@ -288,3 +289,24 @@ def test_bnb_plan_matches_what_transformers_really_loads(tmp_path, preset):
     loaded = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     planned = planning.plan(str(tmp_path / "tiny"), preset, devices=CPU_ONLY).total_bytes
     assert abs(planned - loaded) < 0.01 * loaded
+
+
+def test_mxfp4_reason_follows_transformers_own_check(monkeypatch):
+    """The decision is transformers' Mxfp4HfQuantizer.validate_environment; the words say which requirement is missing
+    on this device (transformers >= 5.24 runs native mxfp4 on a CPU too, with triton >= 3.5 and `kernels`)."""
+    from transformers.quantizers import quantizer_mxfp4
+
+    from workbench.model import hardware
+
+    if not torch.cuda.is_available() and hardware.package_version("triton") is None:
+        reason = hardware.mxfp4_unavailable_reason()
+        assert "on the CPU needs triton >= 3.5" in reason and "dequantize the experts to bf16" in reason
+    monkeypatch.setattr(quantizer_mxfp4.Mxfp4HfQuantizer, "validate_environment", lambda self, *a, **k: None)
+    assert hardware.mxfp4_unavailable_reason() is None       # transformers would run native kernels: no fallback
+
+    def dequantize(self, *a, **k):
+        self.quantization_config.dequantize = True
+    monkeypatch.setattr(quantizer_mxfp4.Mxfp4HfQuantizer, "validate_environment", dequantize)
+    monkeypatch.setattr(hardware, "package_version", lambda name: {"triton": "3.6.0", "kernels": None}.get(name))
+    if not torch.cuda.is_available():
+        assert "needs the `kernels` package" in hardware.mxfp4_unavailable_reason()

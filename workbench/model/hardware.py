@@ -49,36 +49,57 @@ def package_version(name: str) -> str | None:
 def mxfp4_unavailable_reason() -> str | None:
     """Why transformers would dequantize an mxfp4 checkpoint to bf16 here; None when native mxfp4 can run.
 
-    Mirrors the checks in transformers' Mxfp4HfQuantizer.validate_environment, which only logs a warning.
+    The decision is transformers' own: its Mxfp4HfQuantizer.validate_environment runs on a fresh quantizer (it only
+    logs a warning and sets `dequantize`), so the answer follows the installed version (5.24 runs native mxfp4 on a
+    CPU too, with triton >= 3.5 and `kernels`). The explanation is rebuilt from the same checks, since transformers
+    logs each warning only once per process. Native kernels also need a hub download of the kernel at load time.
     """
+    try:
+        from transformers import Mxfp4Config
+        from transformers.quantizers.quantizer_mxfp4 import Mxfp4HfQuantizer
+
+        import logging
+
+        quantizer = Mxfp4HfQuantizer(Mxfp4Config())
+        quantizer.pre_quantized = True
+        log = logging.getLogger("transformers.quantizers.quantizer_mxfp4")
+        level = log.level
+        log.setLevel(logging.ERROR)  # its warning is ours to word; the load report says it
+        try:
+            quantizer.validate_environment()
+        finally:
+            log.setLevel(level)
+        if not quantizer.quantization_config.dequantize:
+            return None
+    except Exception as e:  # an older or newer transformers whose quantizer does not work this way
+        return f"transformers' mxfp4 check could not run here ({type(e).__name__}: {e})"
+    return _mxfp4_explanation()
+
+
+def _mxfp4_explanation() -> str:
     from packaging.version import Version
 
-    if not torch.cuda.is_available():
-        return "no CUDA GPU: on the CPU transformers dequantizes mxfp4 experts to bf16 (about 3x the memory)"
-    capability = torch.cuda.get_device_capability()
-    if capability < (7, 5):
-        return f"GPU compute capability {capability[0]}.{capability[1]} < 7.5 (mxfp4 kernels need Turing or newer)"
+    tail = "; transformers alone would dequantize the experts to bf16 (about 3x the memory)"
+    if torch.cuda.is_available():
+        where, need = "a CUDA GPU", "3.4.0"
+        capability = torch.cuda.get_device_capability()
+        if capability < (7, 5):
+            return f"GPU compute capability {capability[0]}.{capability[1]} < 7.5 (mxfp4 kernels need Turing or newer)" + tail
+    else:
+        where, need = ("an XPU", "3.5.0") if hasattr(torch, "xpu") and torch.xpu.is_available() else ("the CPU", "3.5.0")
     triton = package_version("triton")
-    if triton is None or Version(triton) < Version("3.4.0"):
-        return f"triton >= 3.4 is needed for mxfp4 kernels (found {triton or 'none'}): pip install 'triton>=3.4'"
+    if triton is None or Version(triton) < Version(need):
+        return (f"native mxfp4 on {where} needs triton >= {need[:3]} (found {triton or 'none'}): "
+                f"pip install 'triton>={need[:3]}'" + tail)
     kernels = package_version("kernels")
     try:
-        from transformers.utils.import_utils import (
-            KERNELS_MAX_VERSION,
-            KERNELS_MIN_VERSION,
-        )
+        from transformers.utils.import_utils import KERNELS_MAX_VERSION, KERNELS_MIN_VERSION
     except ImportError:  # older transformers have no window
         KERNELS_MIN_VERSION, KERNELS_MAX_VERSION = "0.0", None
+    window = f"'kernels>={KERNELS_MIN_VERSION}" + (f",<{KERNELS_MAX_VERSION}'" if KERNELS_MAX_VERSION else "'")
     if kernels is None:
-        return f"the `kernels` package is missing: pip install 'kernels>={KERNELS_MIN_VERSION}'"
-    if Version(kernels) < Version(KERNELS_MIN_VERSION) or (
-        KERNELS_MAX_VERSION and Version(kernels) >= Version(KERNELS_MAX_VERSION)
-    ):
-        return (
-            f"kernels {kernels} is outside the window this transformers accepts "
-            f"[{KERNELS_MIN_VERSION}, {KERNELS_MAX_VERSION}): pip install 'kernels>={KERNELS_MIN_VERSION},<{KERNELS_MAX_VERSION}'"
-        )
-    return None
+        return f"native mxfp4 on {where} needs the `kernels` package: pip install {window}" + tail
+    return f"kernels {kernels} is outside the window this transformers accepts: pip install {window}" + tail
 
 
 def bitsandbytes_available() -> bool:

@@ -141,8 +141,8 @@ def _working_presets(ctx: _Context) -> list[str]:
 def _mxfp4_fallback(ctx: _Context) -> str | None:
     """Why native mxfp4 kernels cannot run on these devices (transformers alone would dequantize to bf16),
     or None when they can."""
-    if not ctx.gpus:
-        return "no CUDA GPU (native mxfp4 kernels need one of compute capability >= 7.5)"
+    if not ctx.gpus and hardware.gpus():  # planning for a machine without the GPUs this one has
+        return "no CUDA GPU in this plan (on a CPU, native mxfp4 needs transformers >= 5.24, triton >= 3.5 and `kernels`)"
     return hardware.mxfp4_unavailable_reason()
 
 
