@@ -274,6 +274,11 @@ def test_result_figure_and_html():
     assert torch.allclose(torch.tensor(heat.z, dtype=torch.float32), r.normalized, equal_nan=True)
     assert "Activation patching" in r._repr_html_() and "normalised" in repr(r)
     assert patching_heatmap(r, value="metric").data[0].z.tolist() == r.scores.tolist()
+    # The title is the figure's, with how to read it underneath (it was lost once: passed where the trace goes),
+    # and no fixed width pushes columns off a notebook's screen: the figure takes the page's width.
+    assert fig.layout.title.text.startswith("Activation patching · residual stream")
+    assert "1 = patching that site alone" in fig.layout.title.subtitle.text
+    assert fig.layout.width is None
 
 
 # ---- bad requests ------------------------------------------------------------------------------------------

@@ -59,6 +59,8 @@ def patching_heatmap(r, value: str = "normalized") -> go.Figure:
             "attention_heads": "attention heads (all positions)", "experts": "router logit per expert (all positions)"}
     how = ("1 = patching that site alone gives the clean metric, 0 = no change from corrupt" if value == "normalized"
            else f"clean {r.clean:.4g}, corrupt {r.corrupt:.4g}" + (" (equal: no normalised score)" if flat else ""))
-    c.title(fig, f"Activation patching · {what[r.at]} · {r.metric_name}", how)
-    fig.update_layout(height=c.axis_height(len(y)), width=max(600, min(1600, 200 + 40 * len(x))))
+    c.title(fig, None, f"Activation patching · {what[r.at]} · {r.metric_name}", how)
+    # No fixed width: the figure takes the notebook's width (a fixed 1,600 px pushed the columns that light up
+    # off-screen in JupyterLab); narrow it with r.figure().update_xaxes(range=...) to zoom on positions.
+    fig.update_layout(height=c.axis_height(len(y)))
     return fig
