@@ -120,9 +120,12 @@ def write(fixture: pathlib.Path, build: pathlib.Path) -> pathlib.Path:
                       [[layer] + [_pct(a) for a in row] for layer, row in enumerate(ab["accuracy_with_expert_off"])])
         ablation_md = (f"**Which experts the sums need** (notebook 06's lesson on {ab['n_sums']} held-out sums, medium "
                        f"effort): right as trained {_pct(ab['as_trained'])}; with one expert switched off (re-routed to "
-                       f"the router's next choice), layer by layer:\n\n{grid}\n\nMost needed: layer "
+                       f"the router's next choice), layer by layer:\n\n{grid}\n\nThe expert that stands out from its layer "
+                       f"(the largest gap to the next most harmful ablation of the same layer): layer "
                        f"{ab['needed']['layer']}, expert {ab['needed']['expert']} ({_pct(ab['needed']['accuracy'])} right "
-                       "without it).")
+                       "without it)." + "".join(
+                           f" {sum(a < 0.5 for a in row)} experts of layer {l} each leave fewer than half of the sums right."
+                           for l, row in enumerate(ab["accuracy_with_expert_off"]) if sum(a < 0.5 for a in row) >= 2))
     can = [f"{m} ({_pct(x)})" for m, x in measured_pairs if x is not None and x >= 0.95]
     cannot = [f"{m} ({_pct(x)})" for m, x in measured_pairs if x is not None and x < 0.95]
     abilities = ("- Can (≥ 95% on held-out questions): " + "; ".join(can) + ".\n" if can else "") + \
