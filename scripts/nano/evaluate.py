@@ -123,25 +123,11 @@ def _prompt_ids(tokenizer, q) -> list[int]:
     return list(ids)
 
 
-@torch.no_grad()
 def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch: int = 32) -> list[list[int]]:
     """Greedy completions, batched with left padding; each cut at its first stop token."""
-    from workbench.chat import harmony as chat
+    from workbench.analysis import behaviour
 
-    stops = chat.stop_token_ids(tokenizer, model.generation_config)
-    pad = tokenizer.pad_token_id
-    out = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                             eos_token_id=stops, pad_token_id=pad)
-        for row in gen[:, width:].tolist():
-            cut = next((j for j, t in enumerate(row) if t in stops), None)
-            out.append(row[:cut + 1] if cut is not None else row)
-    return out
+    return behaviour.complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch=batch)
 
 
 def harmony_and_accuracy(model, tokenizer, questions: list[dict], max_new_tokens: int = 200) -> dict:

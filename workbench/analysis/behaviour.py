@@ -57,6 +57,25 @@ def _parsed(tokenizer, ids: list[int], stops: set[int]) -> tuple[str, str, bool]
 
 
 @torch.no_grad()
+def complete(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch: int = 32) -> list[list[int]]:
+    """Greedy completions of token-id prompts, `batch` at a time (left-padded), each cut after its first stop token."""
+    stops = chat_format.stop_token_ids(tokenizer, model.generation_config)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    device = model.get_input_embeddings().weight.device
+    completions: list[list[int]] = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             eos_token_id=stops, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+        for row in out[:, width:].tolist():
+            cut = next((j for j, t in enumerate(row) if t in stops), None)
+            completions.append(row[:cut + 1] if cut is not None else row)
+    return completions
+
+
 def ask(session, questions, *, reasoning_effort: str | None = "medium", max_new_tokens: int = 96,
         batch: int = 32) -> Answers:
     """Greedy answers to each question (a user turn), `batch` at a time, under whatever interventions are active."""
@@ -68,24 +87,11 @@ def ask(session, questions, *, reasoning_effort: str | None = "medium", max_new_
     if max_new_tokens < 1 or batch < 1:
         raise WorkbenchError(f"max_new_tokens and batch must be at least 1 (got {max_new_tokens}, {batch})")
     model, tokenizer = session.model, session.tokenizer
-    stops = chat_format.stop_token_ids(tokenizer, model.generation_config)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     effort = reasoning_effort if session.harmony else None
     prompts = [session.render(q, reasoning_effort=effort) for q in questions]
-    device = model.get_input_embeddings().weight.device
-    completions: list[list[int]] = []
     with session.exclusive("asking questions"):
-        for i in range(0, len(prompts), batch):
-            chunk = prompts[i:i + batch]
-            width = max(map(len, chunk))
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                                 eos_token_id=stops, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
-            for row in out[:, width:].tolist():
-                cut = next((j for j, t in enumerate(row) if t in stops), None)
-                completions.append(row[:cut + 1] if cut is not None else row)
-    stop_set = set(stops)
-    parsed = [_parsed(tokenizer, ids, stop_set) for ids in completions]
+        completions = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch=batch)
+    stops = set(chat_format.stop_token_ids(tokenizer, model.generation_config))
+    parsed = [_parsed(tokenizer, ids, stops) for ids in completions]
     return Answers(questions=questions, finals=[p[0] for p in parsed], analyses=[p[1] for p in parsed],
                    form_ok=[p[2] for p in parsed], token_ids=completions)
