@@ -89,3 +89,8 @@ class AttributionError(WorkbenchError, ValueError):
 class SAEError(WorkbenchError, ValueError):
     """A sparse autoencoder that cannot be loaded or used: not an SAE folder, an unsupported architecture or hook
     point, or a d_in that does not match the model's residual stream."""
+
+
+class HookPointError(WorkbenchError, ValueError):
+    """A hook point that does not exist on this model (the message lists near matches), or one that cannot be
+    changed the way it was asked (a read-only point, a path that cannot reach inside the experts)."""

@@ -193,11 +193,40 @@ class Session:
             yield cap
 
     # ---- interventions: context managers that change the model only inside `with` ----
-    def ablate_experts(self, experts: dict):
-        """`with s.ablate_experts({layer: [experts]}):` never chosen there; top-k over the rest."""
+    def ablate_experts(self, experts: dict, mode: str = "reroute"):
+        """`with s.ablate_experts({layer: [experts]}):` never chosen there; top-k over the rest (mode="reroute").
+        mode="zero": chosen as before, their output zeroed, so their weight goes to nobody."""
         from workbench.intervene import interventions
 
-        return interventions.ablate_experts(self, experts)
+        return interventions.ablate_experts(self, experts, mode=mode)
+
+    def replay_routing(self, trace: "Trace", layers=None, weights: bool = True):
+        """`with s.replay_routing(t):` every token gets the experts (and, with weights=True, the weights) trace `t`
+        recorded, at every routed layer or `layers`; forwards over other tokens are refused."""
+        from workbench.intervene.replay import replay_routing
+
+        return replay_routing(self, trace, layers=layers, weights=weights)
+
+    # ---- hook points: one vocabulary for reading and changing (README, 'Hook points') ----
+    def points(self, pattern: str | None = None) -> list[str]:
+        """This model's hook point names (all, or those matching a pattern such as "blocks.0.*")."""
+        from workbench.inspect.points import PointSpace
+
+        space = PointSpace.of(self.model, self.adapter)
+        return space.names() if pattern is None else [p.name for p in space.resolve(pattern)]
+
+    def set(self, at, value):
+        """`with s.set("blocks.2.resid_post", value):` a point (or a pattern's points) replaced by a tensor
+        (per-sequence shape, broadcast) or by fn(value, hook) -> tensor."""
+        from workbench.intervene.point_interventions import set_point
+
+        return set_point(self, at, value)
+
+    def ablate(self, at, mode: str = "zero", reference=None):
+        """`with s.ablate("blocks.1.mlp.out"):` zero-ablation; mode="mean", reference=[texts]: their mean there."""
+        from workbench.intervene.point_interventions import ablate_point
+
+        return ablate_point(self, at, mode=mode, reference=reference)
 
     def force_experts(self, experts: dict):
         """`with s.force_experts({layer: [k experts]}):` exactly those, weighted by the router over their logits."""
@@ -236,12 +265,16 @@ class Session:
 
         return steering.steering_vector(self, positive, negative, layer, position=position)
 
-    def hook(self, path: str, fn):
-        """`with s.hook("model.layers.3.mlp", fn):` fn(module, args, output) after that module's forward; a
-        non-None return value replaces the output. `s.modules()` lists the paths."""
+    def hook(self, at: str, fn):
+        """`with s.hook("blocks.3.attn.z", fn):` fn(value, hook) at a hook point (or a pattern's points); a non-None
+        return value replaces the value. `s.points()` lists them. A module path (`"model.layers.3.mlp"`, see
+        `s.modules()`) instead attaches fn(module, args, output) after that module's forward."""
         from workbench.intervene import hooks
+        from workbench.intervene.point_interventions import tap
 
-        return hooks.hook(self, path, fn)
+        if isinstance(at, str) and (at == "logits" or at.startswith("blocks.")):
+            return tap(self, at, fn)
+        return hooks.hook(self, at, fn)
 
     def modules(self, contains: str | None = None) -> list[str]:
         """Module paths `hook` takes, optionally those containing `contains`."""

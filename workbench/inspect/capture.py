@@ -19,21 +19,16 @@
 from __future__ import annotations
 
 import itertools
-import sys
 from typing import Iterable
 
 import torch
-from transformers.masking_utils import (
-    ALL_MASK_ATTENTION_FUNCTIONS,
-    AttentionMaskInterface,
-)
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from workbench.errors import CaptureError
 from workbench.inspect.budget import check_budget
 from workbench.inspect.routing import Routed, watch_routing
 from workbench.inspect.spec import WHAT, CaptureSpec, Record  # noqa: F401 (WHAT re-exported)
 from workbench.inspect.trace import BatchTrace, Trace, as_token_ids, is_batch
+from workbench.model import compat
 from workbench.model.adapters import Adapter, input_device, text_config
 
 _names = itertools.count()
@@ -87,16 +82,21 @@ class Capture:
                 self._handles.append(module.register_forward_hook(self._residual_hook(layer)))
         if "attention" in spec.what:
             self._install_attention()
+        if spec.points:
+            from workbench.inspect.taps import Taps
+
+            taps = Taps(model, adapter, [(p, self._point_recorder(p)) for p in spec.resolved_points()])
+            taps.__enter__()
+            self._restore.append(lambda: taps.__exit__(None, None, None))
 
     def _install_attention(self) -> None:
         layers = self.spec.layers
         modules = {id(self.adapter.attention_module(self.model, i)): i for i in layers}
         configs = {id(c): c for c in [self.model.config] + [self.adapter.attention_module(self.model, i).config
                                                              for i in layers]}
-        original = text_config(self.model.config)._attn_implementation or "eager"
+        original = compat.attention_implementation(text_config(self.model.config))
         # Keep "flash" in the name when the original has it: transformers checks the name for "flash".
         name = f"workbench_capture_{next(_names)}_{original.replace('/', '_')}"
-        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS[original] if original in ALL_MASK_ATTENTION_FUNCTIONS else None
         originals: dict = {}
 
         def attention(module, query, key, value, attention_mask, **kwargs):
@@ -105,18 +105,12 @@ class Capture:
                 self._record_attention(layer, module, query, key, kwargs)
             fn = originals.get(type(module))
             if fn is None:
-                fn = originals[type(module)] = _original_attention(module, original)
+                fn = originals[type(module)] = compat.original_attention(module, original)
             return fn(module, query, key, value, attention_mask, **kwargs)
 
-        AttentionInterface.register(name, attention)
-        self._restore.append(lambda: AttentionInterface._global_mapping.pop(name, None))
-        if mask_fn is not None:
-            AttentionMaskInterface.register(name, mask_fn)
-            self._restore.append(lambda: AttentionMaskInterface._global_mapping.pop(name, None))
+        self._restore.append(compat.register_attention_function(name, attention, mask_like=original))
         for config in configs.values():
-            previous = config._attn_implementation_internal
-            self._restore.append(lambda c=config, p=previous: setattr(c, "_attn_implementation_internal", p))
-            config._attn_implementation_internal = name  # the attribute itself: no sub-config recursion
+            self._restore.append(compat.set_attention_implementation(config, name))
 
     def _remove(self) -> None:
         errors = []
@@ -156,6 +150,7 @@ class Capture:
         rows = (shape[0] if len(shape) > 1 else 1) if ids is not None else (shape[0] if len(shape) > 2 else 1)
         tokens = shape[-1] if ids is not None else shape[-2]
         check_budget(self.spec, rows * tokens, self.budget)
+        self._tokens = tokens
         mask = kwargs.get("attention_mask")
         records = []
         for r in range(rows):
@@ -181,9 +176,32 @@ class Capture:
             if self._current is not None:
                 out = output[0] if isinstance(output, (tuple, list)) else output
                 for r, record in enumerate(self._current):
-                    record.residuals[layer] = _store(out[r], self.spec.storage_dtype)
+                    record.residuals[layer] = _store(out[r], self.spec.value_dtype or out.dtype)
                     record.residual_dtype = str(out.dtype).removeprefix("torch.")
         return hook
+
+    def _point_recorder(self, point):
+        """A tap function storing one hook point's value per batch row (expert rows with their positions)."""
+        name, key = point.name, point.key
+
+        def record(value, hook):
+            rows = self._current
+            if rows is None:
+                return None
+            dtype = torch.float32 if key == "logits" else (self.spec.value_dtype or value.dtype)
+            if point.expert is not None:
+                tokens = self._tokens
+                positions = hook.positions.detach().cpu()
+                row_of, position = positions // tokens, positions % tokens
+                for r, rec in enumerate(rows):
+                    keep = (row_of == r).nonzero().squeeze(1)
+                    rec.points[name] = _store(value[keep.to(value.device)], dtype)
+                    rec.positions[name] = position[keep].clone()
+            else:
+                for r, rec in enumerate(rows):
+                    rec.points[name] = _store(value[r], dtype)
+            return None
+        return record
 
     def _record_attention(self, layer, module, query, key, kwargs) -> None:
         spec = self.spec
@@ -220,25 +238,21 @@ def _trim(record: Record) -> Record:
         attn=record.attn, logits={layer: x[:n] for layer, x in record.logits.items()},
         indices={layer: x[:n] for layer, x in record.indices.items()},
         weights={layer: x[:n] for layer, x in record.weights.items()},
-        residuals={layer: x[:n] for layer, x in record.residuals.items()}, residual_dtype=record.residual_dtype)
+        residuals={layer: x[:n] for layer, x in record.residuals.items()}, residual_dtype=record.residual_dtype,
+        points={name: _trim_point(name, x, record.positions.get(name), n) for name, x in record.points.items()},
+        positions={name: pos[pos < n] for name, pos in record.positions.items()})
+
+
+def _trim_point(name: str, x: torch.Tensor, positions, n: int) -> torch.Tensor:
+    if positions is not None:  # expert rows: those of real tokens
+        return x[positions < n]
+    if any(name.endswith(k) for k in (".attn.q", ".attn.k", ".attn.v")):  # [heads, T, head_dim]
+        return x[:, :n]
+    return x[:n]
 
 
 def _int_or_none(x) -> int | None:
     return None if x is None else int(x)
-
-
-def _original_attention(module, implementation: str):
-    """The attention function the module would call: its modeling file's interface, eager by default."""
-    modeling = sys.modules[type(module).__module__]
-    interface = getattr(modeling, "ALL_ATTENTION_FUNCTIONS", ALL_ATTENTION_FUNCTIONS)
-    eager = getattr(modeling, "eager_attention_forward", None)
-    if implementation == "eager" and eager is not None:
-        return eager
-    if eager is None:
-        from transformers.integrations.sdpa_attention import (
-            sdpa_attention_forward as eager,  # last resort
-        )
-    return interface.get_interface(implementation, eager)
 
 
 def capture(model, adapter: Adapter, what: Iterable[str] | None = None, layers=None, heads=None,

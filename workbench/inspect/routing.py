@@ -29,6 +29,7 @@ from workbench.errors import InterventionError
 from workbench.model.adapters import Adapter, text_config
 
 _TRANSFORMS = "_workbench_router_transforms"  # attribute of a routed MLP: the active logit transforms
+_OVERRIDES = "_workbench_route_overrides"  # attribute of a routed MLP: fn(x, indices, weights) -> (indices, weights)
 _MISSING = object()
 
 
@@ -108,6 +109,37 @@ def add_router_transform(mlp: nn.Module, router: nn.Module, transform: LogitTran
     return undo
 
 
+# ---- replacing the routing itself ------------------------------------------------------------------------
+def add_route_override(mlp: nn.Module, router: nn.Module, experts: nn.Module,
+                       fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple]) -> Callable[[], None]:
+    """Make the experts of `mlp` run with `fn(logits, indices, weights) -> (indices, weights)` instead of the router's
+    choice (a forward pre-hook on the experts module, whose arguments are (hidden, indices, weights) on every path
+    that takes them); the reading side (watch_routing) applies the same function, so traces record what ran.
+    Returns the undo."""
+    def pre_hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rest = list(args[1:3]) if len(args) >= 3 else None
+        if rest is None:
+            raise InterventionError(f"{type(module).__name__} takes its routing in another form: routing replay "
+                                    "works on the bf16, int8/nf4 and packed mxfp4 paths.")
+        with torch.no_grad():
+            logits = router_logits(mlp, router, hidden)
+        indices, weights = fn(logits, rest[0], rest[1])
+        return (hidden, indices, weights) + tuple(args[3:]), kwargs
+
+    handle = experts.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    overrides = mlp.__dict__.setdefault(_OVERRIDES, [])
+    overrides.append(fn)
+
+    def undo() -> None:
+        handle.remove()
+        if fn in overrides:
+            overrides.remove(fn)
+        if not overrides:
+            mlp.__dict__.pop(_OVERRIDES, None)
+    return undo
+
+
 # ---- reading router logits -------------------------------------------------------------------------
 def router_logits(mlp: nn.Module, router: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Router logits [tokens, experts] for an MLP input, with the router's own arithmetic, as the active
@@ -171,6 +203,8 @@ class watch_routing:
             with torch.no_grad():
                 logits = router_logits(module, router, x)
                 indices, weights = self.adapter.route(logits, self.config)
+                for override in module.__dict__.get(_OVERRIDES, ()):
+                    indices, weights = override(logits, indices, weights)
                 self.on_route(layer, Routed(logits, indices, weights))
         return hook
 

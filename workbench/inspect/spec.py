@@ -11,9 +11,13 @@ import torch
 
 from workbench.errors import CaptureError
 from workbench.indices import resolve_indices
+from workbench.inspect import points as hook_points
 from workbench.model.adapters import Adapter, adapter_for, text_config
 
-WHAT = ("routing", "attention", "residuals")
+WHAT = ("routing", "attention", "residuals")  # the capture groups (see points.GROUPS); hook point names too
+# Named points that are stored as parts of a group (the pattern is computed from q and k, with the sinks and mask).
+_GROUP_OF = {"attn.pattern": "attention", "attn.sink": "attention", "mlp.router.logits": "routing",
+             "mlp.router.indices": "routing", "mlp.router.weights": "routing"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +36,16 @@ class CaptureSpec:
     hidden_size: int
     num_experts: int
     top_k: int
-    storage_dtype: torch.dtype  # q, k and residuals are stored in this dtype
+    storage_dtype: torch.dtype  # q and k are stored in this dtype
     model_dtype: torch.dtype  # the dtype the model computes in
     family: str
     model_type: str | None
     model_name: str | None
     config_hash: str
+    points: tuple[str, ...] = ()  # hook points recorded through taps (workbench/inspect/taps.py), by name
+    value_dtype: torch.dtype | None = None  # residuals and points: the model's dtype unless asked (None: as model)
+    vocab_size: int = 0
+    expert_width: int = 0  # an expert's gated activation width (d_ff)
 
     @property
     def groups(self) -> int:
@@ -51,27 +59,60 @@ class CaptureSpec:
         """From a config alone (no weights): what budgets and size estimates need."""
         full_config, config = config, text_config(config)
         adapter = adapter or adapter_for(config)[0]
-        what = (what,) if isinstance(what, str) else what
-        what = tuple(what) if what is not None else (("routing", "attention") if adapter.is_moe else ("attention",))
-        if not what or not set(what) <= set(WHAT):
-            raise CaptureError(f"what={what!r}: choose any of {', '.join(WHAT)}.")
-        if "routing" in what and not adapter.is_moe:
-            raise CaptureError(f"{adapter.family} is a dense model (no router): capture 'attention' or 'residuals'.")
         n_layers = int(config.num_hidden_layers)
+        space = hook_points.PointSpace.of(config, adapter, moe_layers)
+        if what is None:
+            groups, named = (("routing", "attention") if adapter.is_moe else ("attention",)), []
+        else:
+            items = [what] if isinstance(what, str) else list(what)
+            if not items:
+                raise CaptureError(f"what=[]: choose any of {', '.join(WHAT)}, or hook point names "
+                                   "(e.g. 'blocks.*.resid_post'; s.points() lists them).")
+            try:
+                groups, named = hook_points.expand(space, items, None if layers is None else
+                                                   resolve_indices(layers, n_layers, "layer", error=CaptureError))
+            except CaptureError:
+                raise
+            except Exception as e:  # HookPointError: say it as the capture's error, with the groups too
+                raise CaptureError(f"{e} Capture groups: {', '.join(WHAT)}.") from e
+        if "routing" in groups and not adapter.is_moe:
+            raise CaptureError(f"this is a dense {adapter.family} model (no router): capture 'attention' or "
+                               "'residuals', or hook points such as 'blocks.*.mlp.out'.")
+        groups = list(groups)
+        extra_layers = set()
+        for p in named:
+            group = _GROUP_OF.get(p.key)
+            if group is not None:
+                if group not in groups:
+                    groups.append(group)
+                extra_layers.add(p.layer)
+        kept = tuple(p.name for p in named if p.key not in _GROUP_OF)
         n_heads = int(config.num_attention_heads)
         n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
-        layers = resolve_indices(layers, n_layers, "layer", error=CaptureError)
+        if layers is None and named and not any(w in hook_points.GROUPS for w in (what or ())):
+            layers = sorted(extra_layers)  # only the layers the names ask for
+        else:
+            layers = sorted(set(resolve_indices(layers, n_layers, "layer", error=CaptureError)) | extra_layers)
         heads = resolve_indices(heads, n_heads, "head", error=CaptureError)
         moe = list(range(n_layers)) if moe_layers is None else moe_layers
         return cls(
-            what=what, layers=layers, heads=heads, kv_heads=sorted({h // (n_heads // n_kv) for h in heads}),
-            routed_layers=[i for i in moe if i in layers] if "routing" in what else [],
+            what=tuple(groups), layers=layers, heads=heads, kv_heads=sorted({h // (n_heads // n_kv) for h in heads}),
+            routed_layers=[i for i in moe if i in layers] if "routing" in groups else [],
             num_layers=n_layers, num_heads=n_heads, num_kv_heads=n_kv,
-            head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // n_heads),
+            head_dim=head_dim(config),
             hidden_size=int(config.hidden_size), num_experts=adapter.num_experts(config), top_k=adapter.top_k(config),
             storage_dtype=storage_dtype(model_dtype, dtype), model_dtype=model_dtype, family=adapter.family,
             model_type=getattr(config, "model_type", None),
-            model_name=getattr(config, "_name_or_path", None) or None, config_hash=config_hash(full_config))
+            model_name=getattr(config, "_name_or_path", None) or None, config_hash=config_hash(full_config),
+            points=kept, value_dtype=dtype or model_dtype, vocab_size=int(getattr(config, "vocab_size", 0) or 0),
+            expert_width=int(getattr(config, "moe_intermediate_size", None) or getattr(config, "intermediate_size", 0)
+                             or 0))
+
+    def resolved_points(self) -> list["hook_points.HookPoint"]:
+        """The points recorded through taps, resolved (names are stored; this model's space parses them)."""
+        space = hook_points.PointSpace(self.family, self.num_layers, tuple(range(self.num_layers)), self.num_experts,
+                                       True)
+        return [space.parse(n) for n in self.points]
 
     @classmethod
     def for_model(cls, model, adapter: Adapter, what=None, layers=None, heads=None,
@@ -81,8 +122,9 @@ class CaptureSpec:
                                moe_layers=adapter.moe_layers(model), model_dtype=compute_dtype(model))
 
     def replace(self, **changes) -> "CaptureSpec":
-        """The same request with other what/layers/heads (re-resolved), e.g. a cheaper one for a budget."""
+        """The same request with other what/layers/heads/points (re-resolved), e.g. a cheaper one for a budget."""
         what = changes.get("what", self.what)
+        points = tuple(changes.get("points", self.points))
         layers = changes.get("layers", self.layers)
         heads = changes.get("heads", self.heads)
         kv = sorted({h // self.groups for h in heads})
@@ -90,7 +132,12 @@ class CaptureSpec:
         if "routing" in what and "routing" not in self.what:
             raise CaptureError("replace() cannot add routing to a spec made without it")
         return dataclasses.replace(self, what=tuple(what), layers=list(layers), heads=list(heads), kv_heads=kv,
-                                   routed_layers=routed)
+                                   routed_layers=routed, points=points)
+
+
+def head_dim(config) -> int:
+    """The attention head width: the config's head_dim when it has one (gpt-oss, Gemma, Qwen3), else hidden/heads."""
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
 def compute_dtype(model) -> torch.dtype:
@@ -134,3 +181,5 @@ class Record:
     weights: dict = dataclasses.field(default_factory=dict)  # layer -> [T, k], the dtype the model applied
     residuals: dict = dataclasses.field(default_factory=dict)  # layer -> [T, hidden]
     residual_dtype: str | None = None  # the dtype the model computed residuals in
+    points: dict = dataclasses.field(default_factory=dict)  # hook point name -> tensor (per sequence, see taps.py)
+    positions: dict = dataclasses.field(default_factory=dict)  # expert point name -> [rows] token positions

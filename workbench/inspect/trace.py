@@ -16,7 +16,9 @@ so a sliding-window layer never materialises more than its band plus the answer.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import re
 import weakref
 from pathlib import Path
 
@@ -108,6 +110,70 @@ class Trace:
     def provenance(self) -> list[dict]:
         """What was active when this trace was taken (interventions, steering, hooks); [] for a clean run."""
         return self.meta.get("provenance") or []
+
+    @property
+    def points(self) -> list[str]:
+        """The hook points this trace can answer `t[name]` for (explicit ones and those its groups hold)."""
+        out = list(self.meta.get("points") or [])
+        for layer in self.meta.get("attention_layers", []):
+            out += [f"blocks.{layer}.attn.{k}" for k in ("q", "k", "pattern")]
+            if f"sinks.{layer}" in self._t:
+                out.append(f"blocks.{layer}.attn.sink")
+        for layer in self.meta.get("routing_layers") or []:
+            out += [f"blocks.{layer}.mlp.router.{k}" for k in ("logits", "indices", "weights")]
+        if "residuals" in self.meta["what"]:
+            out += [f"blocks.{layer}.resid_post" for layer in self.meta["layers"]]
+        return out
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The value recorded at a hook point, per sequence (README, 'Hook points', gives each shape):
+        `t["blocks.3.resid_post"]`, `t["blocks.1.mlp.experts.2.act"]` (rows: t.positions(name)), `t["logits"]`."""
+        if not isinstance(name, str):
+            raise CaptureError(f"index a Trace with a hook point name such as 'blocks.0.resid_post', not {name!r}.")
+        name = self._canonical(name)
+        if f"point:{name}" in self._t:
+            return self._t[f"point:{name}"]
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+        if m:
+            layer, key = int(m.group(1)), m.group(2)
+            if key == "resid_post" and f"residual.{layer}" in self._t:
+                return self._t[f"residual.{layer}"]
+            if key in ("attn.q", "attn.k") and f"{key[-1]}.{layer}" in self._t:
+                return self._t[f"{key[-1]}.{layer}"]
+            if key == "attn.pattern" and f"q.{layer}" in self._t:
+                return self.attention(layer)
+            if key == "attn.sink" and f"sinks.{layer}" in self._t:
+                return self._t[f"sinks.{layer}"]
+            if key.startswith("mlp.router.") and self.routing is not None and layer in self.routing.layers:
+                at = self.routing.at(layer)
+                return getattr(at, key.rsplit(".", 1)[1])
+        near = difflib.get_close_matches(name, self.points, n=4, cutoff=0.5)
+        raise CaptureError(f"{name!r} was not captured in this trace"
+                           + (f" (near: {', '.join(near)})" if near else "")
+                           + f". Trace with what=[{name!r}] to record it; this trace holds "
+                           + (f"{len(self.points)} points, e.g. {', '.join(self.points[:4])}." if self.points
+                              else "no hook points."))
+
+    def positions(self, name: str) -> torch.Tensor:
+        """Token positions of the rows of an expert point (`t.positions("blocks.1.mlp.experts.2.in")`)."""
+        name = self._canonical(name)
+        if f"positions:{name}" not in self._t:
+            raise CaptureError(f"{name!r}: positions belong to expert points (blocks.L.mlp.experts.E.in/act/out) "
+                               "captured in this trace.")
+        return self._t[f"positions:{name}"]
+
+    def _canonical(self, name: str) -> str:
+        """Negative layers and experts counted from the end, as everywhere."""
+        m = re.fullmatch(r"blocks\.(-?\d+)\.(.+)", name.strip())
+        if not m:
+            return name.strip()
+        layer, rest = int(m.group(1)), m.group(2)
+        if layer < 0:
+            layer += self.meta["num_layers"]
+        e = re.fullmatch(r"mlp\.experts\.(-?\d+)\.(in|act|out)", rest)
+        if e and int(e.group(1)) < 0 and self.meta.get("num_experts"):
+            rest = f"mlp.experts.{int(e.group(1)) + self.meta['num_experts']}.{e.group(2)}"
+        return f"blocks.{layer}.{rest}"
 
     @property
     def model(self):
@@ -368,6 +434,15 @@ class Trace:
             tensors[f"residual.{layer}"] = r
         if record.key_mask is not None:
             tensors["key_mask"] = record.key_mask
+        for point in spec.resolved_points():
+            x = record.points.get(point.name)
+            if point.expert is not None:
+                width = spec.expert_width if point.stage == "act" else spec.hidden_size
+                if x is None:  # no token was routed to this expert
+                    x = torch.empty(0, width, dtype=spec.value_dtype or spec.model_dtype)
+                tensors[f"positions:{point.name}"] = record.positions.get(point.name, torch.empty(0, dtype=torch.int64))
+            if x is not None:
+                tensors[f"point:{point.name}"] = x
         meta = {
             "format": FORMAT, "version": VERSION,
             "model": spec.model_name, "model_type": spec.model_type, "family": spec.family,
@@ -375,9 +450,9 @@ class Trace:
             "tokenizer": getattr(tokenizer, "name_or_path", None),
             "versions": {"workbench": __version__, "torch": torch.__version__,
                          "transformers": transformers.__version__, "safetensors": safetensors.__version__},
-            "what": list(spec.what), "layers": spec.layers, "attention_layers": attention_layers,
+            "what": list(spec.what), "points": list(spec.points), "layers": spec.layers, "attention_layers": attention_layers,
             "routing_layers": routed, "heads": spec.heads, "kv_heads": spec.kv_heads, "groups": spec.groups,
-            "num_layers": spec.num_layers, "num_heads": spec.num_heads,
+            "num_layers": spec.num_layers, "num_heads": spec.num_heads, "num_experts": spec.num_experts,
             "storage_dtype": str(spec.storage_dtype).removeprefix("torch."),
             "model_dtype": str(spec.model_dtype).removeprefix("torch."),
             "residual_dtype": record.residual_dtype,

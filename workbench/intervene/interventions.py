@@ -212,13 +212,22 @@ def _blocking(experts: list[int], n: int) -> Callable[[torch.Tensor], torch.Tens
 
 
 class ablate_experts(_RoutingIntervention):
-    """`with ablate_experts(s, {layer: [experts]}):` those experts are never chosen at those layers.
+    """`with ablate_experts(s, {layer: [experts]}, mode="reroute"):` those experts are never chosen at those layers.
 
-    Their router logits become -inf: top-k picks among the rest and the weights are the model's own over
-    the rest (renormalised to sum 1 wherever the model renormalises its top-k)."""
+    mode="reroute" (the default): their router logits become -inf, so top-k picks among the rest and the weights are
+    the model's own over the rest (renormalised to sum 1 wherever the model renormalises its top-k).
+    mode="zero": routing is left as it is, and the experts' outputs are zeroed wherever they were chosen, so their
+    weight is given to nobody (through the per-expert hook point blocks.L.mlp.experts.E.out)."""
 
     name = "ablate_experts"
     example = "{3: [7, 12]}"
+
+    def __init__(self, session, spec, mode: str = "reroute"):
+        if mode not in ("reroute", "zero"):
+            raise InterventionError(f"mode={mode!r}: choose 'reroute' (never chosen; top-k over the rest) or 'zero' "
+                                    "(chosen as before, output zeroed: its weight goes to nobody).")
+        self.mode = mode
+        super().__init__(session, spec)
 
     def _check(self, spec):
         out = {}
@@ -229,6 +238,29 @@ class ablate_experts(_RoutingIntervention):
 
     def _transform(self, layer, experts):
         return LogitTransform(_blocking(experts, self.n_experts), set(experts), f"ablate {experts}")
+
+    def _install(self) -> None:
+        if self.mode == "reroute":
+            return super()._install()
+        from workbench.errors import HookPointError
+        from workbench.inspect.points import PointSpace
+        from workbench.inspect.taps import Taps
+
+        space = PointSpace.of(self.model, self.adapter)
+        points = [space.parse(f"blocks.{layer}.mlp.experts.{e}.out") for layer, es in self.spec.items() for e in es]
+        taps = Taps(self.model, self.adapter, [(p, lambda x, hook: torch.zeros_like(x)) for p in points],
+                    preset=getattr(getattr(self.session, "report", None), "preset", None))
+        try:
+            taps.__enter__()
+        except HookPointError as e:
+            raise InterventionError(f"mode='zero' reaches inside the experts, and {e}") from e
+        self._undo.append(lambda: taps.__exit__(None, None, None))
+
+    def describe(self) -> dict:
+        return {"name": self.name, "spec": _jsonable(self.spec), "mode": self.mode}
+
+    def __repr__(self) -> str:
+        return f"{self.name}({self.spec!r}" + (", mode='zero')" if self.mode == "zero" else ")")
 
 
 class force_experts(_RoutingIntervention):

@@ -124,6 +124,17 @@ class Adapter:
             raise AdapterError(f"{self.family} is not a routed (MoE) architecture: it has no routing to compute")
         return indices, weights
 
+    def weights_for(self, router_logits: torch.Tensor, indices: torch.Tensor, config: Any) -> torch.Tensor:
+        """The weights the model would give experts `indices` (chosen by someone else) from these logits: its own
+        arithmetic over them, as `route` applies it to its own choice."""
+        if self.routing == "topk_softmax":
+            values = router_logits.gather(-1, indices)
+            return torch.softmax(values, dim=-1, dtype=values.dtype)
+        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float).gather(-1, indices)
+        if self.renormalizes(config):
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+        return probs.to(router_logits.dtype) if self.weights_in_logits_dtype else probs
+
 
 def text_config(config: Any) -> Any:
     """The decoder's config: a multimodal config's text part, else the config itself."""

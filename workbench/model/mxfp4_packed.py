@@ -56,6 +56,7 @@ from torch import nn
 
 from workbench.errors import PresetError
 from workbench.model import mxfp4_kernel
+from workbench.model.expert_stages import stage
 from workbench.model.mxfp4_format import _pair_table, dequantize  # noqa: F401  (re-exported: the packed path's dequantizer)
 from workbench.sizes import format_bytes, parse_bytes
 
@@ -232,12 +233,15 @@ class PackedMxfp4Experts(nn.Module):
         selected = hidden_states[perm // num_top_k].to(self.gate_up_proj_bias.dtype)
         sample_weights_g = sample_weights[perm]
         counts = torch.bincount(expert_ids_g, minlength=self.num_experts).tolist()
+        token_of_row = perm // num_top_k  # for the per-expert hook points (expert_stages.stage: a no-op without)
 
+        selected = stage(self, "in", selected, expert_ids_g, token_of_row)
         proj_out = self._grouped(selected, "gate_up_proj", counts)
         proj_out.add_(self.gate_up_proj_bias[expert_ids_g])
-        proj_out = self._apply_gate(proj_out)
+        proj_out = stage(self, "act", self._apply_gate(proj_out), expert_ids_g, token_of_row)
         proj_out = self._grouped(proj_out, "down_proj", counts)
         proj_out.add_(self.down_proj_bias[expert_ids_g])
+        proj_out = stage(self, "out", proj_out, expert_ids_g, token_of_row)
 
         weighted_out = proj_out * sample_weights_g.unsqueeze(-1)
         inv_perm = torch.empty_like(perm)
