@@ -38,3 +38,12 @@ def test_batches_steering_hooks_section_runs_as_written():
     namespace = {}
     exec(compile(_block_with("s.steering_vector("), "README batches/steering section", "exec"), namespace)
     assert namespace["t"].provenance[0]["name"] == "steer" and len(namespace["batch"]) == 3
+
+
+def test_hook_points_section_runs_as_written():
+    namespace = {}
+    exec(compile(_block_with("s.replay_routing(clean)"), "README hook points section", "exec"), namespace)
+    t, clean = namespace["t"], namespace["clean"]
+    assert t["blocks.1.mlp.experts.2.act"].shape[0] == len(t.positions("blocks.1.mlp.experts.2.act"))
+    assert namespace["t_fixed"].routing.indices.equal(clean.routing.indices)  # replayed: the same experts
+    assert [p["name"] for p in namespace["t_fixed"].provenance] == ["ablate_heads", "replay_routing"]

@@ -288,7 +288,10 @@ def test_logit_lens_and_residuals():
     t = trace(model, None, adapter, x, what=["residuals"], dtype=torch.float32)
     assert t.residual(3).shape == (10, 64)
     assert torch.equal(t.lens_logits(-1), logits(model, x)[0])  # the last layer's lens is the model's output
-    t16 = trace(model, None, adapter, x, what=["residuals"])  # float16 storage: close, not equal
+    t_default = trace(model, None, adapter, x, what=["residuals"])  # residuals are kept in the model's dtype
+    assert t_default.residual(3).dtype == torch.float32
+    assert torch.equal(t_default.lens_logits(-1), logits(model, x)[0])
+    t16 = trace(model, None, adapter, x, what=["residuals"], dtype=torch.float16)  # asked: close, not equal
     assert (t16.lens_logits(-1) - logits(model, x)[0]).abs().max() < 1e-2
     lens = t.logit_lens(1, k=3)
     assert lens.ids.shape == (10, 3) and (lens.probs[:, :-1] >= lens.probs[:, 1:]).all()

@@ -74,7 +74,8 @@ class CaptureSpec:
             except CaptureError:
                 raise
             except Exception as e:  # HookPointError: say it as the capture's error, with the groups too
-                raise CaptureError(f"{e} Capture groups: {', '.join(WHAT)}.") from e
+                raise CaptureError(f"what={what!r}: choose any of {', '.join(WHAT)} (capture groups), or hook point "
+                                   f"names. {e}") from e
         if "routing" in groups and not adapter.is_moe:
             raise CaptureError(f"this is a dense {adapter.family} model (no router): capture 'attention' or "
                                "'residuals', or hook points such as 'blocks.*.mlp.out'.")
