@@ -203,6 +203,31 @@ def test_close_mid_run_leaves_no_thread(gpt_oss):
     gpt_oss._busy.release()
 
 
+def test_closed_widgets_leave_no_widget_objects_behind(gpt_oss):
+    """Each widget makes ~330 ipywidgets objects (controls, their Layouts and Styles, the inspector's chips);
+    close() must close them all, or ipywidgets' registry keeps them (and what they hold) for the kernel's life."""
+    import gc
+
+    from workbench.ui.closing import live_widgets
+
+    gc.collect()
+    start = live_widgets()
+    for k in range(5):
+        w = widget(gpt_oss, temperature=0.0, max_new_tokens=12)
+        assert live_widgets() > start + 100
+        if k == 0:  # one that used everything: a generation, a selected token's figures, interventions rows
+            w.interventions.add("ablate experts", 1, "7")
+            w.interventions.add("scale sinks", 0, "0.5", on=False)
+            w.interventions.rows[-1].remove_button.click()
+            w.generate("Hi")
+            w.wait(timeout=60)
+            w.inspector.select_token(0)
+            assert w.inspector.experts_out.outputs and w.inspector.attention_out.outputs
+        w.close()
+        assert live_widgets() == start, f"widget {k}: {live_widgets() - start} widget objects left alive"
+    assert w.inspector.trace is None  # a closed widget kept in a variable lets go of its trace
+
+
 # ---- inspector ------------------------------------------------------------------------------------------
 
 def test_inspector_values_equal_generation_and_trace(w, gpt_oss):

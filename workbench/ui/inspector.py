@@ -22,6 +22,7 @@ import plotly.io as pio
 import torch
 
 from workbench.errors import BusyError
+from workbench.ui.closing import close_tree
 from workbench.views.labels import visible
 
 PAGE_SIZE = 64
@@ -133,6 +134,12 @@ class TokenInspector(widgets.VBox):
         self._features_for = None
         self.features_html = widgets.HTML()
         self.figures.children += (self.features_html,)
+
+    def close(self) -> None:
+        """Close the inspector and every widget in it (chips, figures), and let go of its trace."""
+        self.generation = self.trace = self._traced = self.attention_fig = self.experts_fig = None
+        self.features = self._features_for = None
+        close_tree(self)
 
     # ---- state --------------------------------------------------------------------------------------
     def reset(self, note: str = "(generate first)") -> None:

@@ -21,6 +21,7 @@ import ipywidgets as widgets
 from workbench.errors import InterventionError
 from workbench.intervene.interventions import INTERVENTIONS
 from workbench.intervene.steering import steer
+from workbench.ui.closing import close_tree
 from workbench.ui.inspector import TokenInspector
 
 # label shown in the dropdown -> workbench.interventions name, and what its values field takes
@@ -166,7 +167,7 @@ class InterventionsPanel(widgets.Accordion):
     def remove(self, row: InterventionRow) -> None:
         self.rows.remove(row)
         self.rows_box.children = tuple(self.rows)
-        row.close()
+        close_tree(row)  # its controls, layouts and styles too
         self.refresh()
 
     def clear(self) -> None:
@@ -202,6 +203,10 @@ class InterventionsPanel(widgets.Accordion):
         self.summary.value = ("<span style='color:#a50'>active: " + html.escape(" · ".join(on)) + "</span>") if on \
             else "<span style='color:#888'>none active</span>"
         self.set_title(0, f"interventions ({len(on)} on)" if on else "interventions")
+
+    def close(self) -> None:
+        """Close the panel and every widget in it."""
+        close_tree(self)
 
 
 class InterventionInspector(TokenInspector):

@@ -38,6 +38,7 @@ import traitlets
 
 from workbench.chat import harmony as chat_format
 from workbench.errors import BusyError, SamplingError
+from workbench.ui.closing import close_tree
 from workbench.ui.interventions_panel import InterventionInspector, InterventionsPanel
 
 DEFAULTS = dict(prompt="", system="", developer="", reasoning_effort="medium", temperature=1.0, top_p=1.0,
@@ -64,6 +65,7 @@ class GenerationWidget(widgets.VBox):
     _run = None
     _thread: threading.Thread | None = None
     _closed = False
+    inspector = None
 
     def __init__(self, session, **defaults):
         unknown = set(defaults) - set(DEFAULTS)
@@ -217,23 +219,17 @@ class GenerationWidget(widgets.VBox):
         return True
 
     def close(self) -> None:
-        """Stop any run, wait for its thread to end, and close every child widget."""
+        """Stop any run, wait for its thread to end, and close every widget this one made (children, their
+        layouts and styles, the inspector's figures), so none stays in the kernel once closed."""
         if self._closed:
             return
         self._closed = True
         self.stop()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
-        for child in self._descendants():
-            child.close()
-        super().close()
-
-    def _descendants(self):
-        stack = list(self.children)
-        while stack:
-            w = stack.pop()
-            yield w
-            stack.extend(getattr(w, "children", ()))
+        if self.inspector is not None:
+            self.inspector.close()  # also lets go of its trace (possibly large), even if `w` is kept
+        close_tree(self)
 
     # ---- streaming (background thread) -------------------------------------------------------------------
     def _begin_turn(self, text: str) -> None:
