@@ -11,7 +11,7 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).parent.parent / "workbench"
-BASE = ("errors", "sizes", "indices", "metrics", "version")
+BASE = ("errors", "sizes", "indices", "metrics", "version", "arguments")
 ORDER = ["base", "model", "chat", "fixtures", "inspect", "intervene", "analysis", "views", "ui", "session", "package"]
 
 

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from workbench.chat import generation
 from workbench.chat import harmony as chat_format
-from workbench.errors import BusyError, WorkbenchError
+from workbench import arguments
+from workbench.errors import BusyError, ChatError, SamplingError, WorkbenchError
 from workbench.model import hardware, planning, sources
-from workbench.model.adapters import Adapter
+from workbench.model.adapters import Adapter, text_config
 from workbench.model.loading import LoadedModel, load_model
 from workbench.model.report import LoadReport
 
@@ -22,16 +23,22 @@ if TYPE_CHECKING:
     from workbench.inspect.trace import Trace
 
 GPT_OSS_20B = "openai/gpt-oss-20b"
+_CHAT_KEYWORDS = ("reasoning_effort", "system", "developer", "tools", "renderer", "stop_tokens", "temperature", "top_p",
+                  "top_k", "max_new_tokens", "seed", "top_alternatives")
 
 
-def load(model: Any, preset: str = "auto", **kwargs) -> "Session":
+def load(model: Any, preset: str = "auto", *, check_fit: bool = True, attn_implementation: str | None = None,
+         offload_folder: str | None = None, trust_remote_code: bool = False, context_tokens: int = 4096,
+         quantize_router: bool = False, expert_cache: Any = None, check_weights: bool = True) -> "Session":
     """Load a causal LM (hub id, local folder or .gguf file) with a named preset; returns a Session.
 
     Checks the preset and the memory plan before any weight is read, so an impossible request fails fast
-    with a message that says what would work. Keywords: check_fit, attn_implementation, offload_folder,
-    trust_remote_code, context_tokens, quantize_router (see workbench.model.loading.load_model).
+    with a message that says what would work (see workbench.model.loading.load_model for each keyword).
     """
-    return Session.from_loaded(load_model(model, preset, **kwargs))
+    return Session.from_loaded(load_model(
+        model, preset, check_fit=check_fit, attn_implementation=attn_implementation, offload_folder=offload_folder,
+        trust_remote_code=trust_remote_code, context_tokens=context_tokens, quantize_router=quantize_router,
+        expert_cache=expert_cache, check_weights=check_weights))
 
 
 DEFAULT_KINDS = {
@@ -75,6 +82,7 @@ class Session:
     # Interventions, steering and hooks active now, outermost first: traces taken inside record them.
     active_interventions: list = dataclasses.field(default_factory=list, repr=False)
     _writing: Any = dataclasses.field(default=None, repr=False)  # the parser of the generation running now
+    _doing: str | None = dataclasses.field(default=None, repr=False)  # what holds the lock now, for BusyError
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel) -> "Session":
@@ -99,10 +107,12 @@ class Session:
         does now. A capture switches the model's attention implementation: a generation running meanwhile would
         go through it (and be recorded), so the two never overlap."""
         if not self._busy.acquire(blocking=False):
-            raise BusyError(f"a generation is running on this session: stop it or wait before {doing}")
+            raise BusyError(self._busy_message(doing))
+        self._doing = doing
         try:
             yield
         finally:
+            self._doing = None
             self._busy.release()
 
     @property
@@ -116,31 +126,42 @@ class Session:
         `renderer="harmony"` renders with openai-harmony instead of the model's chat template (gpt-oss only).
         """
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
-            return list(prompt)
+            vocab = getattr(text_config(self.model.config), "vocab_size", None)
+            return arguments.token_ids(prompt, vocab, ChatError, "the prompt")
+        for name, value in (("system", system), ("developer", developer), ("reasoning_effort", reasoning_effort),
+                            ("renderer", renderer)):
+            arguments.optional_text(value, name, ChatError)
         return chat_format.render(self.tokenizer, chat_format.as_messages(prompt), reasoning_effort=reasoning_effort,
                                   system=system, developer=developer, tools=tools, renderer=renderer)
 
     def stream(self, prompt, *, reasoning_effort: str | None = None, system: str | None = None,
                developer: str | None = None, tools: list | None = None, renderer: str | None = None,
-               stop_tokens: list[int] | None = None, **sampling) -> "generation.GenerationRun":
+               stop_tokens: list[int] | None = None, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+               max_new_tokens: int = 1024, seed: int | None = None, top_alternatives: int = 5,
+               **unknown) -> "generation.GenerationRun":
         """Start generating in a background thread; iterate for `Delta`s (text + channel), `.stop()` to end.
 
-        Sampling keywords: temperature (0 = greedy), top_p, top_k, max_new_tokens, seed, top_alternatives.
+        A string is the user's turn (use `render`/`trace` for raw text). Sampling: temperature (0 = greedy), top_p,
+        top_k (0 = off), max_new_tokens, seed, top_alternatives (alternatives recorded per step).
         `stop_tokens`: ids that end the answer (default: the model's own, e.g. harmony's <|return|> and <|call|>);
         `[]` always writes max_new_tokens.
         """
-        params = generation.SamplingParams(**sampling)
+        arguments.unknown_keywords(unknown, _CHAT_KEYWORDS, "stream/chat", SamplingError)
+        params = generation.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
+                                           max_new_tokens=max_new_tokens, seed=seed, top_alternatives=top_alternatives)
         params.validate()
         prompt_ids = self.render(prompt, reasoning_effort=reasoning_effort, system=system, developer=developer,
                                  tools=tools, renderer=renderer)
         if not self._busy.acquire(blocking=False):
-            raise BusyError("a generation is already running on this session: stop it (run.stop()) or wait for it")
+            raise BusyError(self._busy_message("generating"))
         parser = chat_format.make_parser(self.tokenizer)
         self._writing = parser
+        self._doing = "a generation (s.stream / s.chat)"
         try:
             run = generation.start(self.model, self.tokenizer, prompt_ids, params, parser, stop_token_ids=stop_tokens)
         except BaseException:
             self._writing = None
+            self._doing = None
             self._busy.release()
             raise
         run.on_finish(self._finished)
@@ -148,7 +169,14 @@ class Session:
 
     def _finished(self) -> None:
         self._writing = None
+        self._doing = None
         self._busy.release()
+
+    def _busy_message(self, doing: str) -> str:
+        running = self._doing or "a generation"
+        hint = ("stop it (run.stop()) or wait for it" if "generation" in running
+                else "wait for it to finish (it returns on its own)")
+        return f"{running} is running on this session: {hint} before {doing}."
 
     def writing_channel(self):
         """While a generation runs: the channel whose content the model is writing now (None in a header);
@@ -165,22 +193,40 @@ class Session:
         """What is active now (interventions, steering, hooks), as traces record it."""
         return [x.describe() for x in self.active_interventions]
 
-    def chat(self, prompt, **kwargs) -> "generation.Generation":
-        """Generate a whole answer; returns a Generation (text, channels, token ids, logprobs, alternatives)."""
-        return self.stream(prompt, **kwargs).result()
+    def chat(self, prompt, *, reasoning_effort: str | None = None, system: str | None = None,
+             developer: str | None = None, tools: list | None = None, renderer: str | None = None,
+             stop_tokens: list[int] | None = None, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             max_new_tokens: int = 1024, seed: int | None = None, top_alternatives: int = 5,
+             **unknown) -> "generation.Generation":
+        """Generate a whole answer to a user turn (a string) or a conversation; returns a Generation (text, channels,
+        token ids, logprobs, alternatives). Keywords as `stream`. Ctrl-C stops the generation and frees the session."""
+        arguments.unknown_keywords(unknown, _CHAT_KEYWORDS, "chat", SamplingError)
+        run = self.stream(prompt, reasoning_effort=reasoning_effort, system=system, developer=developer, tools=tools,
+                          renderer=renderer, stop_tokens=stop_tokens, temperature=temperature, top_p=top_p,
+                          top_k=top_k, max_new_tokens=max_new_tokens, seed=seed, top_alternatives=top_alternatives)
+        try:
+            return run.result()
+        except BaseException:  # KeyboardInterrupt included: no run was returned, so nobody else could stop it
+            run.stop()
+            self.wait_idle()
+            raise
 
-    def trace(self, inputs, *, what=None, layers=None, heads=None, budget="2GB", dtype=None) -> "Trace":
-        """One forward over a Generation, text, chat messages or token ids, recording routing/attention/residuals.
+    def trace(self, inputs, *, what=None, layers=None, heads=None, budget="2GB", dtype=None,
+              allow_longer: bool = False) -> "Trace":
+        """One forward over a Generation, text, chat messages or token ids, recording what `what` asks: hook point
+        names or patterns ("blocks.*.resid_post", "blocks.1.mlp.experts.*.act"; s.points() lists them) and/or the
+        groups "routing", "attention", "residuals" (default: routing and attention). Read it with t[name].
 
         Tracing a Generation replays prompt + completion in a single forward: by causality every token
-        sees exactly what it saw while being generated.
+        sees exactly what it saw while being generated. An input past the model's context is refused unless
+        allow_longer=True.
         """
         from workbench.inspect import capture as tracing
 
         with self.exclusive("tracing"):
             return tracing.trace(self.model, self.tokenizer, self.adapter, inputs, what=what, layers=layers,
                                  heads=heads, budget=budget, dtype=dtype, preset=self.report.preset,
-                                 provenance=self.provenance())
+                                 provenance=self.provenance(), allow_longer=allow_longer)
 
     @contextlib.contextmanager
     def capture(self, *, what=None, layers=None, heads=None, dtype=None, budget=None):
@@ -313,6 +359,17 @@ class Session:
             return patching.patch(self.model, self.tokenizer, self.adapter, clean, corrupt, at=at, metric=metric,
                                   answers=answers, layers=layers, batch_size=batch_size, budget=budget,
                                   dry_run=dry_run, figure=patching_heatmap)
+
+    def attribution_patching(self, clean, corrupt, *, at="residual", metric=None, answers=None, layers=None):
+        """Gradient x (clean - corrupt) at every site of a kind (or hook points like "blocks.*.attn.z") in two
+        forwards and one backward: a first-order estimate of `patch`, for screening many sites before patching a
+        few. Float weights only (see workbench/intervene/attribution_patching.py)."""
+        from workbench.intervene.attribution_patching import attribution_patch
+        from workbench.views.patching import patching_heatmap
+
+        with self.exclusive("attribution patching"):
+            return attribution_patch(self.model, self.tokenizer, self.adapter, clean, corrupt, at=at, metric=metric,
+                                     answers=answers, layers=layers, preset=self.report.preset, figure=patching_heatmap)
 
     def attribute(self, inputs, target=None, position: int = -1):
         """Direct logit attribution of `target` (a token id or one token's text; default: the top prediction) at

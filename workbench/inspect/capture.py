@@ -19,11 +19,13 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import Iterable
 
 import torch
 
-from workbench.errors import CaptureError
+from workbench import arguments
+from workbench.errors import CaptureError, ContextLengthError
 from workbench.inspect.budget import check_budget
 from workbench.inspect.routing import Routed, watch_routing
 from workbench.inspect.spec import WHAT, CaptureSpec, Record  # noqa: F401 (WHAT re-exported)
@@ -149,7 +151,7 @@ class Capture:
         shape = tuple((ids if ids is not None else embeds).shape)
         rows = (shape[0] if len(shape) > 1 else 1) if ids is not None else (shape[0] if len(shape) > 2 else 1)
         tokens = shape[-1] if ids is not None else shape[-2]
-        check_budget(self.spec, rows * tokens, self.budget)
+        check_budget(self.spec, tokens, self.budget, rows=rows)
         self._tokens = tokens
         mask = kwargs.get("attention_mask")
         records = []
@@ -262,7 +264,8 @@ def capture(model, adapter: Adapter, what: Iterable[str] | None = None, layers=N
 
 
 def trace(model, tokenizer, adapter: Adapter, inputs, what=None, layers=None, heads=None, budget="2GB",
-          dtype: torch.dtype | None = None, preset: str | None = None, provenance: list[dict] | None = None):
+          dtype: torch.dtype | None = None, preset: str | None = None, provenance: list[dict] | None = None,
+          allow_longer: bool = False):
     """One forward over `inputs` with capture; returns a Trace, or a BatchTrace for a batch.
 
     inputs: a Generation, a string, chat messages or token ids; or a list of those (a batch: one right-padded
@@ -271,14 +274,26 @@ def trace(model, tokenizer, adapter: Adapter, inputs, what=None, layers=None, he
     models). dtype: storage for q/k/residuals (default: the model's dtype if 16-bit, else float16;
     torch.float32 for exact work on a float32 model). budget: '2GB', '500MB', bytes or None, for the whole batch.
     provenance: what was active (interventions, steering, hooks), recorded in the trace and its file.
+    allow_longer: trace an input longer than the model's context (with a warning) instead of refusing it.
     """
     batch = is_batch(inputs)
     items = [as_token_ids(tokenizer, x) for x in (inputs if batch else [inputs])]
     if not items or any(not ids for ids, _ in items):
         raise CaptureError("nothing to trace: an input has no tokens.")
+    vocab = int(getattr(text_config(model.config), "vocab_size", 0) or 0)
+    for ids, _ in items:
+        arguments.token_ids(ids, vocab, CaptureError, "trace")
+    longest = max(len(ids) for ids, _ in items)
+    limit = getattr(text_config(model.config), "max_position_embeddings", None)
+    if limit and longest > limit:
+        message = (f"this input has {longest} tokens, past the model's context of {limit} tokens: positions beyond it "
+                   "were never trained and the trace would describe a model out of its range.")
+        if not allow_longer:
+            raise ContextLengthError(message + " Shorten it, or pass allow_longer=True to trace it anyway.")
+        warnings.warn(message, stacklevel=3)
     cap = capture(model, adapter, what=what, layers=layers, heads=heads, dtype=dtype)
     width = max(len(ids) for ids, _ in items)
-    check_budget(cap.spec, width * len(items), budget)  # before any hook is installed
+    check_budget(cap.spec, width, budget, rows=len(items))  # before any hook is installed
     device = input_device(model)
     kwargs = {}
     if batch:

@@ -26,6 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from workbench.errors import InterventionError
+from workbench.model import compat
 from workbench.model.adapters import Adapter, text_config
 
 _TRANSFORMS = "_workbench_router_transforms"  # attribute of a routed MLP: the active logit transforms
@@ -148,7 +149,7 @@ def router_logits(mlp: nn.Module, router: nn.Module, x: torch.Tensor) -> torch.T
     The weight is looked up at call time: accelerate keeps an offloaded router's weight on "meta" until the
     router itself runs (and under mxfp4 it never runs), so it is loaded here and put back afterwards.
     """
-    offload = getattr(router, "_hf_hook", None) if router.weight.device.type == "meta" else None
+    offload = compat.offload_hook(router) if router.weight.device.type == "meta" else None
     if offload is not None:
         offload.pre_forward(router)
     try:

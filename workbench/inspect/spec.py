@@ -9,9 +9,11 @@ from typing import Any, Iterable
 
 import torch
 
+from workbench import arguments
 from workbench.errors import CaptureError
 from workbench.indices import resolve_indices
 from workbench.inspect import points as hook_points
+from workbench.model import compat
 from workbench.model.adapters import Adapter, adapter_for, text_config
 
 WHAT = ("routing", "attention", "residuals")  # the capture groups (see points.GROUPS); hook point names too
@@ -46,6 +48,7 @@ class CaptureSpec:
     value_dtype: torch.dtype | None = None  # residuals and points: the model's dtype unless asked (None: as model)
     vocab_size: int = 0
     expert_width: int = 0  # an expert's gated activation width (d_ff)
+    eager_attention: bool = False  # the model materialises attention probabilities (budget: the forward's peak)
 
     @property
     def groups(self) -> int:
@@ -59,6 +62,7 @@ class CaptureSpec:
         """From a config alone (no weights): what budgets and size estimates need."""
         full_config, config = config, text_config(config)
         adapter = adapter or adapter_for(config)[0]
+        dtype = arguments.float_dtype(dtype, CaptureError)
         n_layers = int(config.num_hidden_layers)
         space = hook_points.PointSpace.of(config, adapter, moe_layers)
         if what is None:
@@ -119,8 +123,10 @@ class CaptureSpec:
     def for_model(cls, model, adapter: Adapter, what=None, layers=None, heads=None,
                   dtype: torch.dtype | None = None) -> "CaptureSpec":
         """Resolved against a loaded model: its real MoE layers and compute dtype."""
-        return cls.from_config(model.config, adapter, what, layers, heads, dtype,
+        spec = cls.from_config(model.config, adapter, what, layers, heads, dtype,
                                moe_layers=adapter.moe_layers(model), model_dtype=compute_dtype(model))
+        eager = compat.attention_implementation(text_config(model.config)) == "eager"
+        return dataclasses.replace(spec, eager_attention=eager)
 
     def replace(self, **changes) -> "CaptureSpec":
         """The same request with other what/layers/heads/points (re-resolved), e.g. a cheaper one for a budget."""

@@ -57,6 +57,7 @@ from workbench.inspect.routing import (
     add_router_transform,
     router_transforms,
 )
+from workbench.model import compat
 from workbench.model.adapters import text_config
 
 
@@ -389,14 +390,14 @@ class scale_sinks(Intervention):
     def _install(self) -> None:
         for layer, factor in self.spec.items():
             attention = self.adapter.attention_module(self.model, layer)
-            original = attention._parameters.get("sinks")
+            original = getattr(attention, "sinks", None)
             if original is None:
                 raise InterventionError(f"layer {layer}'s attention ({type(attention).__name__}) has no sinks.")
             if original.device.type == "meta":
                 raise InterventionError(f"layer {layer}'s sinks are offloaded (meta device): scale_sinks cannot "
                                         "change them; load without offloading.")
-            attention._parameters["sinks"] = nn.Parameter(original.detach() * factor, requires_grad=False)
-            self._undo.append(lambda a=attention, p=original: a._parameters.__setitem__("sinks", p))
+            scaled = nn.Parameter(original.detach() * factor, requires_grad=False)
+            self._undo.append(compat.swap_parameter(attention, "sinks", scaled))
 
 
 INTERVENTIONS: dict[str, Any] = {c.name: c for c in (ablate_experts, force_experts, steer_experts, ablate_heads,

@@ -394,6 +394,11 @@ class PatchingResult:
     answer_strings: tuple[str, str] | None
     cost: PatchCost
     figure_fn: Callable | None = dataclasses.field(default=None, repr=False)
+    method: str = "patching"        # or "attribution": scores estimated by gradient x difference (attribution_patching)
+
+    @property
+    def runs(self) -> str:
+        return "2 forwards + 1 backward" if self.method == "attribution" else f"{self.cost.forwards} forwards"
 
     @property
     def normalized(self) -> torch.Tensor:
@@ -427,15 +432,16 @@ class PatchingResult:
 
     def __repr__(self) -> str:
         tops = ", ".join(f"L{t['layer']} {t['site']!r}: {t['normalized']:.2f}" for t in self.top(3))
-        return (f"PatchingResult(at={self.at!r}, {len(self.layers)} layers x {len(self.sites)} sites, "
+        return (f"PatchingResult({'attribution, ' if self.method == 'attribution' else ''}at={self.at!r}, {len(self.layers)} layers x {len(self.sites)} sites, "
                 f"{self.metric_name}: clean {self.clean:.4g}, corrupt {self.corrupt:.4g}; top normalised: {tops})")
 
     def _repr_html_(self) -> str:
         rows = "".join(f"<tr><td>{t['layer']}</td><td>{html.escape(repr(t['site']))}</td><td>{t['score']:.4g}</td>"
                        f"<td>{t['normalized']:.3f}</td></tr>" for t in self.top(5))
-        return (f"<p><b>Activation patching</b> at <code>{self.at}</code>: {len(self.layers)} layers x "
+        title = "Attribution patching (estimated)" if self.method == "attribution" else "Activation patching"
+        return (f"<p><b>{title}</b> at <code>{self.at}</code>: {len(self.layers)} layers x "
                 f"{len(self.sites)} sites · {html.escape(self.metric_name)}: clean <b>{self.clean:.4g}</b>, corrupt "
-                f"<b>{self.corrupt:.4g}</b> · {self.cost.forwards} forwards</p><table><tr><th>layer</th><th>site</th>"
+                f"<b>{self.corrupt:.4g}</b> · {self.runs}</p><table><tr><th>layer</th><th>site</th>"
                 f"<th>patched</th><th>normalised</th></tr>{rows}</table><p>Draw it: <code>result.figure()</code></p>")
 
 

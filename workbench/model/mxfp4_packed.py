@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from workbench.errors import PresetError
-from workbench.model import mxfp4_kernel
+from workbench.model import compat, mxfp4_kernel
 from workbench.model.expert_stages import stage
 from workbench.model.mxfp4_format import _pair_table, dequantize  # noqa: F401  (re-exported: the packed path's dequantizer)
 from workbench.sizes import format_bytes, parse_bytes
@@ -356,7 +356,7 @@ def from_pretrained(folder: str | pathlib.Path, config: Any, *, expert_cache_byt
     check_checkpoint(folder, config)
     plain = copy.deepcopy(config)
     quantization = plain.__dict__.pop("quantization_config", None)
-    plain._experts_implementation_internal = None  # a plan's meta build may have set grouped_mm: ours is "eager"
+    compat.set_experts_implementation(plain, None)  # a plan's meta build may have set grouped_mm: ours is "eager"
     model = packed_model_class().from_pretrained(folder, config=plain, **kwargs)
     cache = ExpertCache(expert_cache_bytes) if expert_cache_bytes else None
     if not cache and model.device.type == "cpu":
