@@ -250,3 +250,29 @@ def test_every_kind_is_documented_in_the_readme():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for kind in KINDS.values():
         assert f"`{kind.template}`" in readme, kind.template
+
+
+def test_patch_steer_and_sae_take_hook_point_names():
+    s = session("nano")
+    clean, corrupt = ones_prompt(s, 23, 45), ones_prompt(s, 23, 46)
+    by_kind = s.patch(clean, corrupt, at="attention_heads", layers=[1])
+    by_name = s.patch(clean, corrupt, at="blocks.1.attn.z")
+    assert torch.equal(by_kind.scores, by_name.scores)
+    v = torch.randn(128, generator=torch.Generator().manual_seed(0))
+    clean = "What is 23 plus 45?"
+    with s.steer(v, at="blocks.2.resid_post", scale=2.0):
+        a = s.trace(clean, what=["residuals"], layers=[2])
+    with s.steer(v, 2, scale=2.0):
+        b = s.trace(clean, what=["residuals"], layers=[2])
+    assert torch.equal(a.residual(2), b.residual(2))
+    with pytest.raises(wb.WorkbenchError, match="blocks.L.resid_post"):
+        s.steer(v, at="blocks.2.attn.out")
+    from workbench.analysis.sae import hook_layer
+
+    assert hook_layer("blocks.3.resid_post") == 3 and hook_layer("blocks.3.resid_pre") == 2
+
+
+def ones_prompt(s, a: int, b: int) -> list[int]:
+    """nano's chat prompt for a + b and the start of its column-by-column analysis, up to the ones digit of b."""
+    return s.render(f"What is {a} + {b}?", reasoning_effort="medium") + s.tokenizer.encode(
+        f"<|channel|>analysis<|message|>Ones: {a % 10} + ", add_special_tokens=False)

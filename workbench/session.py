@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,20 @@ DEFAULT_KINDS = {
     "moe": "gpt-oss-nano: a trained tiny gpt-oss (routing, sinks, harmony, mxfp4 on a CPU)",
     "routing": "the same as 'moe'",
 }
+
+
+def _resid_post_layer(layer, at, where: str) -> int:
+    """`layer=L` or `at="blocks.L.resid_post"` (one of them): the decoder layer whose output a tool reads or changes."""
+    if at is None:
+        if layer is None:
+            raise WorkbenchError(f"{where} needs a layer: layer=L or at='blocks.L.resid_post'.")
+        return layer
+    m = re.fullmatch(r"blocks\.(-?\d+)\.resid_post", at) if isinstance(at, str) else None
+    if layer is not None or not m:
+        raise WorkbenchError(f"{where}: give layer=L or at='blocks.L.resid_post' (the residual stream after a layer), "
+                             f"not {'both' if layer is not None and m else repr(at)}; to change another point use "
+                             "s.set(name, fn).")
+    return int(m.group(1))
 
 
 def default_model(kind: str = "chat") -> str:
@@ -298,11 +313,13 @@ class Session:
 
         return interventions.scale_sinks(self, factors)
 
-    def steer(self, vector, layer: int, scale: float = 1.0, channels=None):
+    def steer(self, vector, layer: int | None = None, scale: float = 1.0, channels=None, *, at: str | None = None):
         """`with s.steer(vector, layer, scale=4.0, channels=None):` adds scale * vector to the residual stream after
-        `layer`; channels=["final"] (harmony) steers only while the model writes the answer."""
+        `layer` (`at="blocks.L.resid_post"` says the same by hook point name); channels=["final"] (harmony) steers only
+        while the model writes the answer. Other points: `s.set(name, lambda v, hook: v + scale * vector)`."""
         from workbench.intervene import steering
 
+        layer = _resid_post_layer(layer, at, "steer")
         return steering.steer(self, vector, layer, scale=scale, channels=channels)
 
     def steering_vector(self, positive, negative, layer: int, *, position: str = "last"):
@@ -355,6 +372,14 @@ class Session:
         from workbench.intervene import patching
         from workbench.views.patching import patching_heatmap
 
+        from workbench.intervene.attribution_patching import site_kind
+
+        kind, named_layers = site_kind(at, self.adapter)  # a site kind, or hook points: "blocks.*.attn.z"
+        if named_layers is not None:
+            if layers is not None:
+                raise patching.PatchingError(f"at={at!r} already names its layer: leave layers= out.")
+            layers = named_layers
+        at = kind
         with self.exclusive("patching"):
             return patching.patch(self.model, self.tokenizer, self.adapter, clean, corrupt, at=at, metric=metric,
                                   answers=answers, layers=layers, batch_size=batch_size, budget=budget,

@@ -54,6 +54,8 @@ _ENCODE_CHUNK = 256  # tokens encoded at once: [chunk, d_sae] floats, not [token
 
 # (pattern, offset): the decoder layer whose output a hook name reads is int(group 1) + offset.
 HOOKS = (
+    (r"blocks\.(\d+)\.resid_post", 0),  # the workbench's hook point names (workbench/inspect/points.py)
+    (r"blocks\.(\d+)\.resid_pre", -1),
     (r"blocks\.(\d+)\.hook_resid_post", 0),
     (r"blocks\.(\d+)\.hook_resid_pre", -1),
     (r"(?:model\.)?layers\.(\d+)(?:\.output)?", 0),
@@ -72,7 +74,8 @@ def hook_layer(hook_name: str) -> int:
                                "traces do not record: SAEs on a decoder layer's output are supported.")
             return layer
     raise SAEError(f"hook {hook_name!r} is not a residual-stream hook the workbench maps to a layer (supported: "
-                   "blocks.L.hook_resid_post, blocks.L.hook_resid_pre, model.layers.L, resid_post_layer_L); "
+                   "blocks.L.resid_post, blocks.L.resid_pre, blocks.L.hook_resid_post, blocks.L.hook_resid_pre, model.layers.L, "
+                   "resid_post_layer_L); "
                    "if it is a decoder layer's output, load it with load_sae(folder, layer=L).")
 
 
