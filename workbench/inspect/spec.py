@@ -14,7 +14,7 @@ from workbench.errors import CaptureError
 from workbench.indices import resolve_indices
 from workbench.inspect import points as hook_points
 from workbench.model import compat
-from workbench.model.adapters import Adapter, adapter_for, text_config
+from workbench.model.adapters import Adapter, adapter_for, head_dim, text_config
 
 WHAT = ("routing", "attention", "residuals")  # the capture groups (see points.GROUPS); hook point names too
 # Named points that are stored as parts of a group (the pattern is computed from q and k, with the sinks and mask).
@@ -140,11 +140,6 @@ class CaptureSpec:
             raise CaptureError("replace() cannot add routing to a spec made without it")
         return dataclasses.replace(self, what=tuple(what), layers=list(layers), heads=list(heads), kv_heads=kv,
                                    routed_layers=routed, points=points)
-
-
-def head_dim(config) -> int:
-    """The attention head width: the config's head_dim when it has one (gpt-oss, Gemma, Qwen3), else hidden/heads."""
-    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
 def compute_dtype(model) -> torch.dtype:

@@ -58,6 +58,7 @@ from workbench.inspect.routing import (
     router_transforms,
 )
 from workbench.model import compat
+from workbench.model.adapters import head_dim as adapter_head_dim
 from workbench.model.adapters import text_config
 
 
@@ -348,8 +349,7 @@ class ablate_heads(Intervention):
             o_proj = getattr(attention, "o_proj", None)
             if o_proj is None:
                 raise InterventionError(f"layer {layer}'s attention ({type(attention).__name__}) has no o_proj.")
-            head_dim = int(getattr(attention, "head_dim", None) or getattr(self.config, "head_dim", None)
-                           or self.config.hidden_size // n_heads)
+            head_dim = adapter_head_dim(self.config)
             hook = o_proj.register_forward_pre_hook(_zero_heads(heads, n_heads, head_dim), with_kwargs=True)
             self._undo.append(hook.remove)
 

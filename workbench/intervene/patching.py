@@ -46,6 +46,7 @@ from workbench.inspect.routing import (
     watch_routing,
 )
 from workbench.model.adapters import Adapter, input_device, text_config
+from workbench.model.adapters import head_dim as adapter_head_dim
 from workbench.sizes import format_bytes
 
 SITES = ("residual", "attention_heads", "mlp", "experts")
@@ -95,9 +96,7 @@ class PatchCost:
 def _geometry(model: nn.Module, adapter: Adapter) -> dict:
     config = text_config(model.config)
     heads = int(config.num_attention_heads)
-    attention = adapter.attention_module(model, 0)
-    head_dim = int(getattr(attention, "head_dim", None) or getattr(config, "head_dim", None)
-                   or config.hidden_size // heads)
+    head_dim = adapter_head_dim(config)
     element = next(p.dtype for p in model.parameters() if p.is_floating_point()).itemsize
     return dict(config=config, layers=len(adapter.layer_list(model)), heads=heads, head_dim=head_dim,
                 kv_heads=int(getattr(config, "num_key_value_heads", None) or heads), element=element,

@@ -141,6 +141,13 @@ def text_config(config: Any) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def head_dim(config: Any) -> int:
+    """The attention head width: the config's head_dim when it has one (gpt-oss, Gemma, Qwen3), else hidden/heads.
+    The one rule the workbench uses (transformers' attention modules compute it the same way)."""
+    config = text_config(config)
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where input ids must go: the input embeddings' device (accelerate may spread the rest)."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

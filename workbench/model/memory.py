@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from workbench.model.adapters import adapter_for, text_config
+from workbench.model.adapters import head_dim as adapter_head_dim
 from workbench.model.presets import BYTES_PER_QUANTIZED_VALUE, Preset
 
 
@@ -142,7 +143,7 @@ def kv_cache_bytes(config: Any, tokens: int, dtype_bytes: int = 2, batch_size: i
     text = _text_config(config)
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    head_dim = adapter_head_dim(text)
     per_token = 2 * kv_heads * head_dim * dtype_bytes
     return batch_size * sum(per_token * min(tokens, w or tokens) for w in layer_windows(config))
 
