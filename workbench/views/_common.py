@@ -2,6 +2,8 @@
 traces, the colour scales, and the title/subtitle layout."""
 from __future__ import annotations
 
+import re
+
 import plotly.graph_objects as go
 
 from workbench.errors import ViewError
@@ -96,11 +98,71 @@ def window(n: int, window=None, default: int = MAX_TOKENS, unit: str = "tokens")
 
 def title(fig: go.Figure, t, text: str, *notes: str) -> go.Figure:
     """Set the title; non-empty notes go underneath as a subtitle (what is windowed, how to read it), and
-    first of all what was active when trace `t` was taken (interventions, steering, hooks), if anything."""
-    sub = " · ".join(n for n in (provenance_note(t), *notes) if n)
-    fig.update_layout(title=dict(text=text, subtitle=dict(text=sub) if sub else None, x=0.0, xanchor="left"),
-                      margin=dict(t=90 if sub else 60))
+    first of all what was active when trace `t` was taken (interventions, steering, hooks), if anything.
+    Both are wrapped to a notebook's width (plotly never wraps a title: it cuts it at the figure's edge)."""
+    notes = [n for n in (provenance_note(t), *notes) if n]
+    head, sub = wrap([text], TITLE_SIZE), wrap(notes, SUBTITLE_SIZE)
+    fig.update_layout(title=dict(text="<br>".join(head), subtitle=dict(text="<br>".join(sub)) if sub else None,
+                                 x=0.0, xanchor="left", y=1.0, yanchor="top", pad=dict(t=14)),
+                      margin=dict(t=title_margin(len(head), len(sub))))
     return fig
+
+
+# Titles are wrapped to fit NOTEBOOK_WIDTH: JupyterLab's output area on a laptop with the file browser open.
+# Plotly's title font is 1.4 x its 12 px default and the subtitle's 0.7 x that; an average character of the
+# font (Open Sans) is about half an em wide.
+NOTEBOOK_WIDTH = 800
+TITLE_SIZE, SUBTITLE_SIZE = 17, 12
+
+
+def wrap(parts: list[str], size: int = SUBTITLE_SIZE, width: int = NOTEBOOK_WIDTH) -> list[str]:
+    """`parts` joined by " · " into lines that each fit `width` px at font `size`. A line breaks at a " · ",
+    and inside a piece only when the piece is too long for a line of its own. HTML tags (<b>) take no room;
+    a tag that spans lines is closed at the line's end and reopened on the next, so each line is well-formed."""
+    limit = max(20, int((width - 10) / (size / 2)))  # characters per line
+
+    def room(text: str) -> int:
+        return len(re.sub(r"<[^>]+>", "", text))
+
+    lines, line = [], ""
+    for piece in (piece for part in parts for piece in part.split(" · ")):
+        if not line or room(line) + 3 + room(piece) <= limit:
+            line = f"{line} · {piece}" if line else piece
+        elif room(piece) <= limit:
+            lines.append(line)
+            line = piece
+        else:  # too long for a line of its own: it goes on here and is broken at spaces below
+            line = f"{line} · {piece}"
+        while room(line) > limit:  # too long even alone: break it at the last space that fits
+            cut = max((k for k, ch in enumerate(line) if ch == " " and room(line[:k]) <= limit), default=None)
+            if not cut:
+                break
+            lines.append(line[:cut])
+            line = line[cut + 1:]
+    if line:
+        lines.append(line)
+    return _balance_tags(lines)
+
+
+def _balance_tags(lines: list[str]) -> list[str]:
+    out, carried = [], []  # carried: tags open at the end of the previous line
+    for line in lines:
+        reopened = "".join(f"<{tag}>" for tag in carried)
+        for closing, tag in re.findall(r"<(/?)(\w+)[^>]*>", line):
+            if closing and tag in carried:
+                carried.remove(tag)
+            elif not closing and tag != "br":
+                carried.append(tag)
+        out.append(reopened + line + "".join(f"</{tag}>" for tag in reversed(carried)))
+    return out
+
+
+def title_margin(title_lines: int, subtitle_lines: int) -> int:
+    """The top margin, px, that holds the title's and subtitle's lines (hung from the top of the figure)."""
+    return max(60, 34 + 22 * title_lines + (6 + 16 * subtitle_lines if subtitle_lines else 0))
+
+
+TOP_AXIS = 50  # px more top margin for an x axis drawn on top (its tick labels and title)
 
 
 def provenance_note(t) -> str:

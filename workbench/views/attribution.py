@@ -12,6 +12,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 
 from workbench.errors import ViewError
+from workbench.views import _common as c
 from workbench.views.labels import visible
 
 POSITIVE, NEGATIVE = "#4a7fb5", "#c0504d"
@@ -23,8 +24,9 @@ def _title(fig: go.Figure, a, what: str) -> go.Figure:
     text = (f"{what}: logit of {visible(a.target_token, 20)} (id {a.target}) at position {a.position} "
             f"({visible(a.position_token, 16)}) = {a.logit:.3f}")
     sub = f"sum of {len(a.labels)} terms {a.total:.3f} · {a.approximation}"
-    fig.update_layout(title=dict(text=text, subtitle=dict(text=sub), x=0.0, xanchor="left"),
-                      margin=dict(t=90, l=10, r=10, b=40), template="plotly_white")
+    head, sub = c.wrap([text], c.TITLE_SIZE), c.wrap([sub])  # wrapped to a notebook's width
+    fig.update_layout(title=dict(text="<br>".join(head), subtitle=dict(text="<br>".join(sub)), x=0.0, xanchor="left"),
+                      margin=dict(t=c.title_margin(len(head), len(sub)), l=10, r=10, b=40), template="plotly_white")
     return fig
 
 

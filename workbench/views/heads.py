@@ -95,5 +95,5 @@ def sink_mass(t) -> go.Figure:
     c.title(fig, t, f"Attention sink mass · {len(t.tokens)} tokens",
             "the probability each query gives the learned sink instead of any token")
     fig.update_layout(height=max(650, 2 * c.axis_height(len(y), per_row=22)), legend=dict(y=0.5, yanchor="top"),
-                      margin=dict(t=120))  # room for the title, subtitle and the first panel's title
+                      margin=dict(t=fig.layout.margin.t + 30))  # room for the first panel's title too
     return fig

@@ -19,6 +19,7 @@ from workbench.views import _common as c
 from workbench.views.labels import token_labels, visible
 
 MAX_LENS_TOKENS = 64
+READABLE = 12  # tokens whose cells are wide enough (~55 px) for 10-character text at a notebook's width
 
 
 def logit_lens_grid(t, model=None, tokenizer=None, layers=None, k: int = 1, *, window=None) -> go.Figure:
@@ -45,16 +46,21 @@ def logit_lens_grid(t, model=None, tokenizer=None, layers=None, k: int = 1, *, w
         z.append(got.probs[:, 0].numpy())
         text.append([visible(s[0], 10) for s in got.strings])
         hover.append([_hover(t, p, got.strings[i], got.probs[i]) for i, p in enumerate(positions)])
+    # no textfont size: plotly sizes the cell text to fit the cells
     fig = go.Figure(go.Heatmap(
         z=np.stack(z), x=x, y=[f"after layer {layer}" for layer in layers], text=text, texttemplate="%{text}",
-        textfont=dict(size=10), customdata=hover, **c.PROBABILITY, colorbar=dict(title="top-1 probability"),
+        customdata=hover, **c.PROBABILITY, colorbar=dict(title="top-1 probability"),
         hovertemplate="%{y} · at %{x}<br>%{customdata}<extra></extra>"))
     fig.update_xaxes(title="token (the guess is for the token after it)", type="category", tickangle=-60)
     fig.update_yaxes(title="residual stream read", type="category", autorange="reversed")
+    # No fixed width: the figure takes the notebook's (a wider one hides its right part). Past READABLE tokens
+    # the cells get too narrow for their text at that width, so the subtitle says how to show fewer.
+    small = (f"cell text shrinks to fit {len(x)} columns: window={READABLE} shows fewer, larger"
+             if len(x) > READABLE else "")
     c.title(fig, t, f"Logit lens · top guess after each layer · {len(t.tokens)} tokens", note,
-            "cell text: the most likely next token from that layer's residual; colour: its probability")
-    fig.update_layout(height=c.axis_height(len(layers), per_row=26, lo=360),
-                      width=max(700, min(2400, 160 + 62 * len(x))))
+            "cell text: the most likely next token from that layer's residual; colour: its probability", small)
+    # the plot keeps its height however many lines the title took
+    fig.update_layout(height=c.axis_height(len(layers), per_row=26, lo=360) + fig.layout.margin.t - 60)
     return fig
 
 

@@ -46,7 +46,7 @@ def patching_heatmap(r, value: str = "normalized") -> go.Figure:
         bound = max(bound, 1.0)  # 1 (fully restored) is always on the scale
     x = site_labels(r)
     y = [f"layer {layer}" for layer in r.layers]
-    unit = {"residual": "position", "mlp": "position", "attention_heads": "head", "experts": "expert"}[r.at]
+    unit = {"residual": "position", "mlp": "position", "attention_heads": "head", "experts": "expert"}.get(r.at, "site")
     other_name = "metric" if value == "normalized" else "normalised"
     fig = go.Figure(go.Heatmap(
         z=z.numpy(), x=x, y=y, customdata=other.numpy(), colorscale="RdBu_r", zmid=0.0, zmin=-bound, zmax=bound,
@@ -59,8 +59,9 @@ def patching_heatmap(r, value: str = "normalized") -> go.Figure:
             "attention_heads": "attention heads (all positions)", "experts": "router logit per expert (all positions)"}
     how = ("1 = patching that site alone gives the clean metric, 0 = no change from corrupt" if value == "normalized"
            else f"clean {r.clean:.4g}, corrupt {r.corrupt:.4g}" + (" (equal: no normalised score)" if flat else ""))
-    c.title(fig, None, f"Activation patching · {what[r.at]} · {r.metric_name}", how)
+    method = "Attribution patching (estimated)" if getattr(r, "method", "") == "attribution" else "Activation patching"
+    c.title(fig, None, f"{method} · {what.get(r.at, r.at)} · {r.metric_name}", how)
     # No fixed width: the figure takes the notebook's width (a fixed 1,600 px pushed the columns that light up
     # off-screen in JupyterLab); narrow it with r.figure().update_xaxes(range=...) to zoom on positions.
-    fig.update_layout(height=c.axis_height(len(y)))
+    fig.update_layout(height=c.axis_height(len(y)), margin=dict(t=fig.layout.margin.t + c.TOP_AXIS))  # x axis on top
     return fig

@@ -59,7 +59,7 @@ def expert_heatmap(t, layer: int, *, window=None) -> go.Figure:
     fig.update_yaxes(title="token", type="category", autorange="reversed")
     c.title(fig, t, f"Layer {layer} · routing weights · top-{k} of {n_experts} experts", note,
             f"each row: the {k} experts that token went to, and how much each counted (white = not chosen, weight 0)")
-    fig.update_layout(height=c.axis_height(len(y)))
+    fig.update_layout(height=c.axis_height(len(y)), margin=dict(t=fig.layout.margin.t + c.TOP_AXIS))  # x axis on top
     return fig
 
 
