@@ -317,7 +317,8 @@ def routing_stats(session, texts: Iterable, *, batch_size: int = 8, max_tokens: 
 
     model, tokenizer, adapter = session.model, session.tokenizer, session.adapter
     if not adapter.is_moe:
-        raise RoutingStatsError(f"{adapter.family} is a dense model: it has no routing to count.")
+        raise RoutingStatsError(f"this is a dense model (family {adapter.family!r}, no router): it has no routing "
+                                "to count.")
     if batch_size < 1 or max_tokens < 1:
         raise RoutingStatsError("batch_size and max_tokens must be at least 1.")
     config = text_config(model.config)

@@ -166,8 +166,9 @@ def _is_int(x) -> bool:
 class _RoutingIntervention(Intervention):
     def __init__(self, session, spec):
         if not session.adapter.is_moe:
-            raise InterventionError(f"{session.adapter.family} is a dense model (no router): routing interventions "
-                                    "need a Mixture-of-Experts model (gpt-oss, Mixtral, Qwen-MoE, OLMoE).")
+            raise InterventionError(f"this is a dense model (family {session.adapter.family!r}, no router): "
+                                    "routing interventions need a Mixture-of-Experts model (gpt-oss, Mixtral, "
+                                    "Qwen-MoE, OLMoE).")
         self.routed = session.adapter.moe_layers(session.model)
         super().__init__(session, spec)
         self.n_experts, self.k = self.adapter.num_experts(self.config), self.adapter.top_k(self.config)
@@ -377,8 +378,8 @@ class scale_sinks(Intervention):
 
     def _check(self, spec):
         if not self.adapter.has_sinks:
-            raise InterventionError(f"{self.adapter.family} has no attention sinks: scale_sinks works on models with "
-                                    "learned sink logits (gpt-oss).")
+            raise InterventionError(f"model family {self.adapter.family} has no attention sinks: scale_sinks "
+                                    "works on models with learned sink logits (gpt-oss).")
         out = {}
         for layer, factor in self._spec_dict(spec).items():
             layer = self._layer(layer)

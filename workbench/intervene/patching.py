@@ -110,8 +110,8 @@ def _check_at(at, adapter: Adapter) -> str:
                             "attention_heads: one head at all positions; experts: one router logit, MoE only).")
     if at == "experts" and not adapter.is_moe:
         raise PatchingError(f"at='experts' needs a Mixture-of-Experts model (gpt-oss, Mixtral, Qwen-MoE, OLMoE); "
-                            f"this is a dense {adapter.family} model with no router. Patch at='mlp' (the whole MLP "
-                            "output per position), 'residual' or 'attention_heads' instead.")
+                            f"this is a dense model (family {adapter.family!r}, no router). Patch at='mlp' (the "
+                            "whole MLP output per position), 'residual' or 'attention_heads' instead.")
     return at
 
 

@@ -121,7 +121,8 @@ class Adapter:
             if self.weights_in_logits_dtype:
                 weights = weights.to(router_logits.dtype)
         else:
-            raise AdapterError(f"{self.family} is not a routed (MoE) architecture: it has no routing to compute")
+            raise AdapterError(f"this model (family {self.family!r}) is not a routed (MoE) architecture: it has no "
+                               "routing to compute")
         return indices, weights
 
     def weights_for(self, router_logits: torch.Tensor, indices: torch.Tensor, config: Any) -> torch.Tensor:

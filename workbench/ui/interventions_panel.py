@@ -133,7 +133,7 @@ class InterventionsPanel(widgets.Accordion):
         ("7, 12", "7:+2.0, 3:-1", "0.5") or as Python (a list, a {expert: amount} dict, a number)."""
         label = _LABELS[_name(kind)]
         if label not in self.kinds:
-            raise InterventionError(f"{label} does not apply to this model ({self.session.adapter.family}); "
+            raise InterventionError(f"{label} does not apply to this model (family {self.session.adapter.family!r}); "
                                     f"it takes {self.kinds}")
         if isinstance(values, dict):
             values = ", ".join(f"{e}:{a:+g}" for e, a in values.items())

@@ -29,7 +29,7 @@ def _need_sinks(t) -> None:
     c.need_attention(t)
     if not any(t.has_sinks(layer) for layer in t.attention_layers):
         raise c.CaptureError(f"this trace has no attention sinks: sink mass is 0 everywhere. Sinks are learned "
-                             f"per-head logits of gpt-oss; {t.meta.get('family')!r} models have none "
+                             f"per-head logits of gpt-oss; this model (family {t.meta.get('family')!r}) has none "
                              f"(try head_grid(t, metric='entropy')).")
 
 
