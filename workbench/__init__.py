@@ -31,6 +31,7 @@ from workbench.errors import (
                               TraceFileError,
                               TraceModelMismatchError,
                               ViewError,
+                              WeightsFileError,
                               WorkbenchError,
 )
 from workbench.inspect.capture import trace
@@ -54,8 +55,9 @@ __all__ = [
     "Comparison", "ContextLengthError", "DEFAULT_KINDS", "DoesNotFitError", "InterventionError",
     "ModelNotFoundError", "NotACausalLMError", "PRESETS", "PRESET_NAMES", "PresetComparison",
     "PresetComparisonError", "PresetError", "RoutingStats", "RoutingStatsError", "SamplingError", "Session",
-    "Trace", "TraceFileError", "TraceModelMismatchError", "ViewError", "WorkbenchError", "ablate_experts",
-    "ablate_heads", "adapter_for", "compare_presets", "default_model", "errors", "fixtures", "force_experts", "load",
-    "merge_routing_stats", "plan", "plan_all", "scale_sinks", "steer_experts", "trace", "__version__",
+    "Trace", "TraceFileError", "TraceModelMismatchError", "ViewError", "WeightsFileError", "WorkbenchError",
+    "ablate_experts", "ablate_heads", "adapter_for", "compare_presets", "default_model", "errors", "fixtures",
+    "force_experts", "load", "merge_routing_stats", "plan", "plan_all", "scale_sinks", "steer_experts", "trace",
+    "__version__",
 ]
 __all__ += ["SAE", "load_sae"]

@@ -42,7 +42,13 @@ class CaptureBudgetError(WorkbenchError, MemoryError):
 
 
 class TraceFileError(WorkbenchError, ValueError):
-    """A .wbtrace file that cannot be read: not a trace, truncated, incomplete, or from another version."""
+    """A .wbtrace file that cannot be read: not a trace, truncated, incomplete, damaged (a tensor that does not match
+    its checksum), or from another version."""
+
+
+class WeightsFileError(WorkbenchError, ValueError):
+    """A damaged model weights file: truncated, a garbled header, unreadable, or holding NaN/inf values. The message
+    names the file (and the tensors) and how to get a good copy."""
 
 
 class TraceModelMismatchError(WorkbenchError, ValueError):

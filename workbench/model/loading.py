@@ -5,13 +5,16 @@ The session facade (`workbench.load`) wraps the result in a Session; this layer 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tempfile
 import time
+import warnings
 from typing import Any
 
 import torch
 
-from workbench.model import hardware, memory, mxfp4_packed, planning, sources
+from workbench.errors import WorkbenchError
+from workbench.model import hardware, integrity, memory, mxfp4_packed, planning, sources
 from workbench.model.adapters import adapter_for
 from workbench.model.presets import Preset, get_preset
 from workbench.model.report import (
@@ -46,6 +49,7 @@ def load_model(
     context_tokens: int = 4096,
     quantize_router: bool = False,
     expert_cache: Any = None,
+    check_weights: bool = True,
 ) -> LoadedModel:
     """Load a causal LM (hub id, local folder or .gguf file) with a named preset.
 
@@ -55,6 +59,10 @@ def load_model(
     MXFP4 checkpoint runs transformers' native kernels where they work, else the workbench's packed path
     (workbench/model/mxfp4_packed.py), with an optional cache of dequantized experts (`expert_cache="2GB"`);
     preset "bf16" gives transformers' own dequantize-everything model.
+
+    Weights are checked before they are trusted (workbench/model/integrity.py): the safetensors headers and sizes
+    before loading, NaN/inf in the loaded tensors after; a damaged file raises WeightsFileError naming it and what
+    to do. The report says what was checked and what it cost; `check_weights=False` skips the checks.
     """
     source = sources.resolve(model, trust_remote_code=trust_remote_code)
     adapter, adapter_note = adapter_for(source.config)
@@ -74,19 +82,47 @@ def load_model(
     elif adapter.has_sinks:
         kwargs["attn_implementation"] = "eager"  # SDPA does not support gpt-oss sinks; flash needs hub kernels
 
+    if row.quantization == "bnb-int8":
+        _quiet_bnb_cast_warning()
+
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check = integrity.WeightCheck(skipped="" if check_weights else "check_weights=False")
+    files = []
+    if check_weights:
+        with integrity.timed(check):
+            files = integrity.weight_files(source)  # those on this machine: a hub model may download the rest
+            integrity.check_files(files, source)
+
+    where = source.path or source.name  # a folder, or a hub id (read from the cache sources.py looked in)
+    hub = {"cache_dir": sources.hub_cache_dir()} if source.kind == "hub" else {}
     start = time.perf_counter()
-    with WarningCollector() as warnings:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file,
-                                                  trust_remote_code=trust_remote_code)
-        if memory_plan.mxfp4_path == mxfp4_packed.PATH_PACKED:  # no native kernels: keep the experts packed
-            loaded = mxfp4_packed.from_pretrained(source.path or source.name, source.config,
-                                                  expert_cache_bytes=memory_plan.expert_cache_bytes, **kwargs)
-        else:
-            loaded = AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
+    try:
+        with WarningCollector() as collected:
+            tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=source.gguf_file,
+                                                      trust_remote_code=trust_remote_code, **hub)
+            if memory_plan.mxfp4_path == mxfp4_packed.PATH_PACKED:  # no native kernels: keep the experts packed
+                loaded = mxfp4_packed.from_pretrained(where, source.config,
+                                                      expert_cache_bytes=memory_plan.expert_cache_bytes, **kwargs)
+            else:
+                loaded = AutoModelForCausalLM.from_pretrained(where, trust_remote_code=trust_remote_code, **hub,
+                                                              **kwargs)
+    except (SafetensorError, OSError) as e:  # transformers' own errors name no file: find it and say what to do
+        error = None if isinstance(e, WorkbenchError) else integrity.read_error(e, source, files)
+        if error is None:
+            raise
+        raise error from e
     loaded.eval()
     seconds = time.perf_counter() - start
+
+    if check_weights:
+        with integrity.timed(check):
+            downloaded = integrity.weight_files(source)  # a hub model's files, now on this machine
+            integrity.check_files([f for f in downloaded if f not in files], source)
+            files = downloaded or files
+            check.files = len(files)
+            integrity.scan(loaded, integrity.weight_map(files), source, check)
 
     by_group, by_device = measure(loaded, adapter)
     requested_quant = row.quantization
@@ -99,7 +135,7 @@ def load_model(
         auto_reason=auto_reason,
         requested_quantization=requested_quant,
         actual_quantization=actual,
-        fallback=_fallback(requested_quant, actual, warnings.messages),
+        fallback=_fallback(requested_quant, actual, collected.messages),
         dtypes_by_group=by_group,
         bytes_by_device=by_device,
         planned_bytes=memory_plan.load_bytes,  # as it really loads here (after any fallback)
@@ -107,9 +143,10 @@ def load_model(
         device_map=_device_map(loaded),
         load_seconds=seconds,
         notes=notes,
-        transformers_warnings=warnings.messages,
+        transformers_warnings=collected.messages,
         mxfp4_path=mxfp4_path(loaded, sources.is_mxfp4_checkpoint(source.config)),
         expert_cache_bytes=memory_plan.expert_cache_bytes,
+        weights_check=check,
     )
     return LoadedModel(model=loaded, tokenizer=tokenizer, adapter=adapter, report=report, plan=memory_plan,
                        source=source)
@@ -169,3 +206,20 @@ def _fallback(requested: str | None, actual: str | None, warnings: list[str]) ->
             (w for w in warnings if "dequantiz" in w.lower()), "transformers dequantized the experts")
         return f"mxfp4 -> bf16: experts were dequantized to bf16 (about 3x the memory). Cause: {reason}"
     return f"{requested} was requested but the loaded modules carry {actual or 'no quantization'}"
+
+
+_BNB_CAST = "MatMul8bitLt: inputs will be cast from"
+
+
+def _quiet_bnb_cast_warning() -> None:
+    """bitsandbytes int8 on a CPU warns on every matmul that inputs are cast to float16 (1,680 lines for one 8-token
+    answer); the load report already says what runs, so that one message is dropped, once for the process.
+    Recent bitsandbytes logs it, older releases warn it: both are filtered."""
+    warnings.filterwarnings("ignore", message=_BNB_CAST)
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if _drop_bnb_cast not in logger.filters:
+        logger.addFilter(_drop_bnb_cast)
+
+
+def _drop_bnb_cast(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_BNB_CAST)

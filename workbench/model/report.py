@@ -11,6 +11,7 @@ from torch import nn
 
 from workbench.model import mxfp4_kernel
 from workbench.model.adapters import Adapter
+from workbench.model.integrity import WeightCheck
 from workbench.model.mxfp4_packed import (
     PATH_DEQUANTIZED,
     PATH_NATIVE,
@@ -41,6 +42,7 @@ class LoadReport:
     expert_cache_bytes: int = 0  # the packed path's cache budget (empty at load)
     # the packed path: what runs its expert matmuls ("packed MXFP4, C++ kernel (...)" or "..., plain torch (why)")
     mxfp4_kernel: str | None = None
+    weights_check: WeightCheck | None = None  # what was checked for damage before the weights were trusted, its cost
 
     def __post_init__(self):
         if self.mxfp4_path == PATH_PACKED and self.mxfp4_kernel is None:
@@ -72,6 +74,7 @@ class LoadReport:
             ("attention", self.attn_implementation),
             ("devices", ", ".join(devices) or "n/a"),
             ("load time", f"{self.load_seconds:.1f} s"),
+            *([("weights check", self.weights_check.describe(self.load_seconds))] if self.weights_check else []),
         ]
         rows += [("note", n) for n in self.notes]
         return rows
