@@ -46,3 +46,12 @@ def test_swaps_undo_exactly():
     assert "workbench_test_fn" not in AttentionInterface._global_mapping
     assert compat.offload_hook(module) is None
     assert callable(compat.grouped_linear()) and callable(compat.batched_linear())
+
+
+def test_every_error_class_is_exported():
+    import workbench as wb
+    from workbench import errors
+
+    classes = [n for n, c in vars(errors).items() if isinstance(c, type) and issubclass(c, Exception)
+               and c.__module__ == "workbench.errors"]
+    assert all(getattr(wb, n, None) is getattr(errors, n) and n in wb.__all__ for n in classes)

@@ -14,25 +14,30 @@ from workbench.analysis.presets_compare import PresetComparison, compare_presets
 from workbench.analysis.routing_stats import RoutingStats, merge_routing_stats
 from workbench.analysis.sae import SAE, load_sae
 from workbench.errors import (
-                              AdapterError,
-                              BusyError,
-                              CaptureBudgetError,
-                              CaptureError,
-                              ChatError,
-                              ContextLengthError,
-                              DoesNotFitError,
-                              InterventionError,
-                              ModelNotFoundError,
-                              NotACausalLMError,
-                              PresetComparisonError,
-                              PresetError,
-                              RoutingStatsError,
-                              SamplingError,
-                              TraceFileError,
-                              TraceModelMismatchError,
-                              ViewError,
-                              WeightsFileError,
-                              WorkbenchError,
+    AdapterError,
+    AttributionError,
+    BusyError,
+    CaptureBudgetError,
+    CaptureError,
+    ChatError,
+    ContextLengthError,
+    DoesNotFitError,
+    HookPointError,
+    InterventionError,
+    ModelNotFoundError,
+    NotACausalLMError,
+    PatchingBudgetError,
+    PatchingError,
+    PresetComparisonError,
+    PresetError,
+    RoutingStatsError,
+    SAEError,
+    SamplingError,
+    TraceFileError,
+    TraceModelMismatchError,
+    ViewError,
+    WeightsFileError,
+    WorkbenchError,
 )
 from workbench.inspect.capture import trace
 from workbench.inspect.trace import BatchTrace, Trace
@@ -60,4 +65,4 @@ __all__ = [
     "force_experts", "load", "merge_routing_stats", "plan", "plan_all", "scale_sinks", "steer_experts", "trace",
     "__version__",
 ]
-__all__ += ["SAE", "load_sae"]
+__all__ += ["SAE", "load_sae", "SAEError", "PatchingError", "PatchingBudgetError", "HookPointError", "AttributionError"]
