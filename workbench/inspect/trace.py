@@ -78,6 +78,16 @@ class Routing:
         return LayerRouting(self.layers[r], self.indices[r], self.weights[r], self.logits[r])
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionInfo:
+    """One captured layer's attention arithmetic, as the model ran it."""
+
+    scaling: float
+    window: int | None       # sliding window (None: full attention)
+    softcap: float | None
+    offset: int              # keys from a cache before the first query
+
+
 @dataclasses.dataclass
 class LogitLens:
     ids: torch.Tensor  # [tokens, k]
@@ -111,6 +121,39 @@ class Trace:
     def provenance(self) -> list[dict]:
         """What was active when this trace was taken (interventions, steering, hooks); [] for a clean run."""
         return self.meta.get("provenance") or []
+
+    # ---- typed metadata: what views and tools read (the JSON dict `meta` is the file format) ----
+    @property
+    def what(self) -> list[str]:
+        """The capture groups recorded ("routing", "attention", "residuals"); explicit points: `points`."""
+        return list(self.meta["what"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.meta["num_layers"])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.meta["num_heads"])
+
+    @property
+    def groups(self) -> int:
+        """Query heads per KV head (GQA)."""
+        return int(self.meta["groups"])
+
+    @property
+    def family(self) -> str | None:
+        return self.meta.get("family")
+
+    @property
+    def model_name(self) -> str | None:
+        return self.meta.get("model")
+
+    def attention_info(self, layer: int) -> AttentionInfo:
+        """How layer `layer`'s attention was computed: scaling, sliding window, softcap, key offset."""
+        info = self.meta["attention"][str(layer)]
+        return AttentionInfo(scaling=info["scaling"], window=info["window"], softcap=info.get("softcap"),
+                             offset=int(info.get("offset", 0)))
 
     @property
     def points(self) -> list[str]:

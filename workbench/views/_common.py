@@ -33,28 +33,28 @@ def pick(value, valid: list[int], what: str, where: str, hint: str = "", count: 
 
 
 def need_attention(t) -> None:
-    if "attention" not in t.meta["what"] or not t.attention_layers:
+    if "attention" not in t.what or not t.attention_layers:
         raise ViewError("this trace has no attention: trace with what=['attention'] (plus anything else).")
 
 
 def attention_layer(t, layer) -> int:
     need_attention(t)
-    n = t.meta["num_layers"]
+    n = t.num_layers
     layers = t.attention_layers
     hint = f" (the model has layers 0..{n - 1}: trace with layers=[...] to capture others)" if len(layers) < n else ""
     return pick(layer, layers, "layer", "this trace's attention", hint, count=n)
 
 
 def attention_head(t, head) -> int:
-    return pick(head, t.heads, "head", "this trace's attention", count=t.meta["num_heads"])
+    return pick(head, t.heads, "head", "this trace's attention", count=t.num_heads)
 
 
 def routing(t):
     """t.routing, or an error saying why there is none and how to get it."""
     if t.routing is not None:
         return t.routing
-    name = t.meta.get("model") or "this model"
-    if any(a.family == t.meta.get("family") and not a.is_moe for a in ADAPTERS):
+    name = t.model_name or "this model"
+    if any(a.family == t.family and not a.is_moe for a in ADAPTERS):
         raise ViewError(f"this trace has no routing: {name} is a dense model (no experts to route to). "
                            f"Routing views need a mixture-of-experts model traced with what=['routing'].")
     raise ViewError("this trace has no routing: routing was not captured; trace with what=['routing'] "
@@ -65,7 +65,7 @@ def routing_layer(t, layer) -> int:
     """A model layer index that has routing, as the row into t.routing tensors."""
     r = routing(t)
     return r.layers.index(pick(layer, r.layers, "layer", "this trace's routing (MoE layers)",
-                               count=t.meta["num_layers"]))
+                               count=t.num_layers))
 
 
 def num_experts(t) -> int:

@@ -23,7 +23,7 @@ SINK = "⟂ sink"
 
 def layer_kind(t, layer: int) -> str:
     """'sliding window 128' or 'full attention', from the trace's metadata."""
-    w = t.meta["attention"][str(layer)]["window"]
+    w = t.attention_info(layer).window
     return f"sliding window {w}" if w is not None else "full attention"
 
 
@@ -37,8 +37,8 @@ def attention_heatmap(t, layer: int, head: int, *, window=None) -> go.Figure:
     n = len(t.tokens)
     start, stop, note = c.window(n, window, unit="queries")
     probs = t.attention(layer, head)[start:stop]  # [queries, all keys]
-    sliding = t.meta["attention"][str(layer)]["window"]
-    offset = t.meta["attention"][str(layer)]["offset"]
+    sliding = t.attention_info(layer).window
+    offset = t.attention_info(layer).offset
 
     i = torch.arange(start, stop)[:, None] + offset  # query positions among the keys (offset 0 without cache)
     j = torch.arange(start, stop)[None, :]
@@ -64,7 +64,7 @@ def attention_heatmap(t, layer: int, head: int, *, window=None) -> go.Figure:
     edges = ([0.5] if start > 0 else []) + ([len(x) - 1.5] if sinks else [])
     for edge in edges:
         fig.add_vline(x=edge, line=dict(color="#555", width=1))
-    kv = head // t.meta["groups"]
+    kv = head // t.groups
     how = ("each row: where that token looks; blank = masked" +
            (f"; '{SINK}' = probability the learned sink absorbs" if sinks else ""))
     c.title(fig, t, f"Layer {layer} · head {head} (KV head {kv}) · {layer_kind(t, layer)}", note, how)

@@ -20,7 +20,7 @@ METRICS = ("sink_mass", "entropy")
 def _layer_labels(t) -> list[str]:
     out = []
     for layer in t.attention_layers:
-        w = t.meta["attention"][str(layer)]["window"]
+        w = t.attention_info(layer).window
         out.append(f"layer {layer} · " + (f"sliding {w}" if w is not None else "full"))
     return out
 
@@ -29,7 +29,7 @@ def _need_sinks(t) -> None:
     c.need_attention(t)
     if not any(t.has_sinks(layer) for layer in t.attention_layers):
         raise c.CaptureError(f"this trace has no attention sinks: sink mass is 0 everywhere. Sinks are learned "
-                             f"per-head logits of gpt-oss; this model (family {t.meta.get('family')!r}) has none "
+                             f"per-head logits of gpt-oss; this model (family {t.family!r}) has none "
                              f"(try head_grid(t, metric='entropy')).")
 
 
@@ -84,7 +84,7 @@ def sink_mass(t) -> go.Figure:
                   row=1, col=1)
     labels = token_labels(t)
     for row, layer in enumerate(t.attention_layers):
-        sliding = t.meta["attention"][str(layer)]["window"] is not None
+        sliding = t.attention_info(layer).window is not None
         fig.add_trace(go.Scatter(x=list(range(len(t.tokens))), y=mass[row].mean(0).numpy(), name=y[row],
                                  mode="lines", line=dict(width=1.5, dash="dot" if sliding else "solid"),
                                  text=labels, hovertemplate="%{text}<br>sink mass = %{y:.3f}"), row=2, col=1)

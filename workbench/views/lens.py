@@ -29,13 +29,13 @@ def logit_lens_grid(t, model=None, tokenizer=None, layers=None, k: int = 1, *, w
     layers: model layers (default: every layer with residuals). window: None (up to 64 tokens, else the
     last 64), an int n (the last n) or (start, stop).
     """
-    if "residuals" not in t.meta["what"]:
+    if "residuals" not in t.what:
         raise ViewError("this trace has no residuals, which the logit lens reads: trace with "
                            "what=['residuals'] (plus anything else).")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ViewError(f"k={k!r}: give how many guesses to list per cell (1 or more).")
-    captured = t.meta["layers"]
-    layers = captured if layers is None else [c.pick(layer, captured, "layer", "this trace's residuals", count=t.meta["num_layers"])
+    captured = t.layers
+    layers = captured if layers is None else [c.pick(layer, captured, "layer", "this trace's residuals", count=t.num_layers)
                                               for layer in ([layers] if isinstance(layers, int) else layers)]
     start, stop, note = c.window(len(t.tokens), window, default=MAX_LENS_TOKENS)
     positions = range(start, stop)
