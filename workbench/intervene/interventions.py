@@ -44,6 +44,7 @@ so restoring is exact). Offloaded (meta) sinks are refused: accelerate would rel
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -96,7 +97,7 @@ class Intervention:
             raise InterventionError(f"{self!r} is already active: create a second one to apply it twice.")
         if getattr(self.session, "busy", False):
             raise BusyError("a generation is running on this session: stop it or wait before intervening")
-        self._undo = []
+        self._undo = _UndoStack()
         try:
             self._install()
             active = getattr(self.session, "active_interventions", None)
@@ -118,15 +119,9 @@ class Intervention:
         return False
 
     def _unwind(self) -> None:
-        undo, self._undo = self._undo or [], None
-        errors = []
-        for fn in reversed(undo):
-            try:
-                fn()
-            except Exception as e:  # keep undoing the rest; report afterwards
-                errors.append(e)
-        if errors:
-            raise errors[0]
+        undo, self._undo = self._undo, None
+        if undo is not None:
+            undo.close()  # every undo runs, last installed first, also when one raises (raised afterwards)
 
     def __repr__(self) -> str:
         return f"{self.name}({getattr(self, 'spec', '...')!r})"
@@ -146,6 +141,13 @@ class Intervention:
         """A model layer; negative counts from the last layer, as everywhere in the workbench."""
         return resolve_index(layer, range(self.n_layers), "layer", "this model", InterventionError,
                              count=self.n_layers)
+
+
+class _UndoStack(contextlib.ExitStack):
+    """The changes an intervention made, undone in reverse order on exit: `append(fn)` registers one undo."""
+
+    def append(self, fn) -> None:
+        self.callback(fn)
 
 
 def _jsonable(x):
