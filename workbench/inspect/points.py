@@ -210,7 +210,7 @@ class PointSpace:
             if not self.moe_layers:
                 families = ", ".join(a.family for a in ADAPTERS if a.is_moe)
                 raise HookPointError(f"{name!r}: routers and experts exist on Mixture-of-Experts families only "
-                                     f"({families}); this is a dense {self.family} model. Its MLP is "
+                                     f"({families}); this is a dense model (family {self.family!r}, no router). Its MLP is "
                                      f"'blocks.{layer}.mlp.out'.")
             if layer not in self.moe_layers:
                 raise HookPointError(f"{name!r}: layer {layer} has a dense MLP (routed layers: "

@@ -81,7 +81,7 @@ class CaptureSpec:
                 raise CaptureError(f"what={what!r}: choose any of {', '.join(WHAT)} (capture groups), or hook point "
                                    f"names. {e}") from e
         if "routing" in groups and not adapter.is_moe:
-            raise CaptureError(f"this is a dense {adapter.family} model (no router): capture 'attention' or "
+            raise CaptureError(f"this is a dense model (family {adapter.family!r}, no router): capture 'attention' or "
                                "'residuals', or hook points such as 'blocks.*.mlp.out'.")
         groups = list(groups)
         extra_layers = set()
