@@ -73,3 +73,22 @@ def test_busy_error_says_what_runs_and_a_stopped_chat_frees_the_session():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         s.trace("hello")  # free again
+
+
+def test_saving_a_trace_where_it_cannot_go_says_why(tmp_path):
+    t = smollm2().trace("hello", what=["routing"] if smollm2().adapter.is_moe else ["attention"], layers=[0])
+    with pytest.raises(wb.TraceFileError, match="does not exist \\(create it first"):
+        t.save(tmp_path / "missing" / "run.wbtrace")
+    with pytest.raises(wb.TraceFileError, match="is a folder"):
+        t.save(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        import os
+        if os.geteuid() != 0:  # root writes anywhere: the check cannot be seen failing there
+            with pytest.raises(wb.TraceFileError, match="not writable"):
+                t.save(locked / "run.wbtrace")
+    finally:
+        locked.chmod(0o700)
+    assert t.save(tmp_path / "run.wbtrace").is_file()

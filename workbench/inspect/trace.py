@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import re
 import weakref
 import zlib
@@ -411,12 +412,24 @@ class Trace:
         from safetensors.torch import save_file
 
         path = Path(path)
+        folder = path.parent if str(path.parent) else Path(".")
+        if path.is_dir():
+            raise TraceFileError(f"{path} is a folder: give a file name, e.g. {path / 'run.wbtrace'}.")
+        if not folder.is_dir():
+            raise TraceFileError(f"cannot save the trace to {path}: the folder {folder} does not exist (create it "
+                                 f"first: os.makedirs({str(folder)!r})).")
+        if not os.access(folder, os.W_OK):
+            raise TraceFileError(f"cannot save the trace to {path}: the folder {folder} is not writable; choose "
+                                 "another folder.")
         tensors = {k: v.contiguous() for k, v in self._t.items()}
         tensors["tokens.ids"] = torch.tensor(self.tokens.ids, dtype=torch.int64)
         meta = dict(self.meta, tokens=self.tokens.strings, channels=self.tokens.channels,
                     shapes={k: list(v.shape) for k, v in self._t.items()},
                     crc32={k: _crc32(v) for k, v in tensors.items()})
-        save_file(tensors, str(path), metadata={"workbench": json.dumps(meta)})
+        try:
+            save_file(tensors, str(path), metadata={"workbench": json.dumps(meta)})
+        except Exception as e:  # safetensors names only its hidden temporary file
+            raise TraceFileError(f"cannot save the trace to {path}: {e}") from e
         return path
 
     @classmethod
