@@ -310,3 +310,14 @@ def test_mxfp4_reason_follows_transformers_own_check(monkeypatch):
     monkeypatch.setattr(hardware, "package_version", lambda name: {"triton": "3.6.0", "kernels": None}.get(name))
     if not torch.cuda.is_available():
         assert "needs the `kernels` package" in hardware.mxfp4_unavailable_reason()
+
+
+def test_a_tied_embedding_is_planned_once_as_loaded(smollm2_dir):
+    """SmolLM2 ties lm_head to the embedding: the plan counts the bytes the loaded model really holds."""
+    import workbench as wb
+
+    plan = wb.plan(str(smollm2_dir), preset="cpu")
+    s = wb.load(str(smollm2_dir), preset="cpu")
+    loaded = sum(p.numel() * p.element_size() for p in s.model.parameters())  # tied parameters appear once
+    assert s.model.config.tie_word_embeddings
+    assert plan.total_bytes == loaded, (plan.total_bytes, loaded)

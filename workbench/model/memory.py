@@ -60,7 +60,11 @@ def _build_meta_model(config: Any, trust_remote_code: bool) -> nn.Module:
     except ImportError:
         no_init_weights = contextlib.nullcontext
     with init_empty_weights(include_buffers=True), no_init_weights():
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    if getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "tie_word_embeddings",
+               False):
+        model.tie_weights()  # a tied lm_head is the embedding: count it once, as the loaded model stores it
+    return model
 
 
 def _count(model: nn.Module, config: Any, skip: list[str]) -> tuple[Param, ...]:
