@@ -47,3 +47,13 @@ def test_hook_points_section_runs_as_written():
     assert t["blocks.1.mlp.experts.2.act"].shape[0] == len(t.positions("blocks.1.mlp.experts.2.act"))
     assert namespace["t_fixed"].routing.indices.equal(clean.routing.indices)  # replayed: the same experts
     assert [p["name"] for p in namespace["t_fixed"].provenance] == ["ablate_heads", "replay_routing"]
+
+
+def test_what_the_readme_says_about_default_models_and_names_holds():
+    import workbench as wb
+    from workbench import fixtures
+
+    assert '`"chat"` and `"attention"` give SmolLM2-135M-Instruct' in README
+    assert wb.default_model("attention") == wb.default_model("chat") == str(fixtures.smollm2_path())
+    assert wb.default_model("moe") == str(fixtures.nano_path())
+    assert wb.load(str(fixtures.nano_path())).report.model == "gpt-oss-nano (bf16)"  # not the folder's name "bf16"

@@ -87,12 +87,25 @@ def _looks_like_path(model: str) -> bool:
         or "\\" in model or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", model)
 
 
+# Folder names that say how a model is stored, not which model it is (gpt-oss-nano ships "nano/bf16", "nano/mxfp4").
+_LAYOUT_NAMES = {"bf16", "fp16", "fp32", "float32", "bfloat16", "mxfp4", "int8", "nf4", "original", "model"}
+
+
+def folder_name(folder: Path) -> str:
+    """A readable model name for a local folder: its name, or "parent/name" when the name is only a layout."""
+    folder = folder.resolve() if str(folder) else Path(".").resolve()
+    if folder.name.lower() in _LAYOUT_NAMES and folder.parent.name:
+        parent = folder.parent.name
+        return f"gpt-oss-{parent} ({folder.name})" if parent == "nano" else f"{parent}/{folder.name}"
+    return folder.name or str(folder)
+
+
 def _from_folder(folder: Path, trust_remote_code: bool) -> Source:
     from transformers import AutoConfig
 
     if (folder / "config.json").is_file():
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-        return Source("local", folder.name or str(folder), str(folder), None, config, f"config.json in {folder}")
+        return Source("local", folder_name(folder), str(folder), None, config, f"config.json in {folder}")
     ggufs = sorted(p.name for p in folder.glob("*.gguf"))
     if len(ggufs) == 1:
         return _from_gguf(folder, ggufs[0])
