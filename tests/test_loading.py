@@ -248,3 +248,26 @@ def test_mxfp4_on_bf16_weights_without_native_kernels_plans_for_the_gpu_you_will
     assert p.quantized_groups == ("experts",) and p.total_bytes < bf16.total_bytes and p.fallback is None
     with pytest.raises(wb.PresetError, match="quantize at load"):
         wb.load(path, preset="mxfp4")
+
+
+def test_nf4_keeps_linears_it_cannot_quantize_and_says_so(tmp_path):
+    """A Linear whose input width is not a multiple of 64 (a Qwen2-MoE shared expert of width 96) fails inside
+    bitsandbytes' CPU NF4 kernel at the first forward; the plan and the load keep it in bf16 and say so."""
+    from transformers import AutoTokenizer, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from workbench import fixtures
+
+    config = Qwen2MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                            shared_expert_intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, vocab_size=300)
+    torch.manual_seed(0)
+    Qwen2MoeForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(fixtures.tiny_checkpoint("qwen2_moe")).save_pretrained(tmp_path)
+    plan = wb.plan(str(tmp_path), preset="nf4")
+    assert any("not a multiple of 64 stay in bfloat16" in n and "shared_expert.down_proj" in n for n in plan.notes)
+    s = wb.load(str(tmp_path), preset="nf4")
+    down = dict(s.model.named_modules())["model.layers.0.mlp.shared_expert.down_proj"]
+    assert type(down) is torch.nn.Linear and down.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = s.model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(out).all()

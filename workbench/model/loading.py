@@ -174,9 +174,10 @@ def _from_pretrained_kwargs(row: Preset, source: "sources.Source", offload_folde
         if row.quantization == "bnb-int8":
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
         else:
+            narrow = memory.nf4_narrow_linears(source.config)
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=row.dtype,
-                llm_int8_skip_modules=skip)
+                llm_int8_skip_modules=skip + narrow)
 
     if row.device == "cpu":
         kwargs["device_map"] = "cpu"

@@ -24,6 +24,11 @@ class Param:
     group: str
     kind: str  # "expert3d": a fused 3-D expert tensor; "linear": an nn.Linear weight bnb converts; "plain"
     rows: int = 0  # output rows of a converted Linear weight (LLM.int8 keeps one fp32 scale per row)
+    cols: int = 0  # input width of a converted Linear weight (NF4 needs a multiple of its block size)
+
+
+NF4_BLOCK = 64  # bitsandbytes' 4-bit block size: a Linear whose input width is not a multiple fails at its first
+# forward on a CPU ("shape '[64, 1]' is invalid for input of size 96"), so such Linears stay unquantized.
 
 
 _SKELETONS: dict[str, tuple[tuple[Param, ...], tuple[str, ...]]] = {}
@@ -40,6 +45,12 @@ def bnb_skip_modules(config: Any, *, quantize_router: bool = False, trust_remote
     adapter, _ = adapter_for(config)
     defaults = list(_skeleton_and_skips(config, trust_remote_code)[1])
     return defaults + ([] if quantize_router else adapter.gate_module_patterns())
+
+
+def nf4_narrow_linears(config: Any, trust_remote_code: bool = False) -> list[str]:
+    """Modules NF4 cannot quantize (input width not a multiple of NF4_BLOCK): kept in the compute dtype."""
+    return [p.name.removesuffix(".weight") for p in skeleton(config, trust_remote_code)
+            if p.kind == "linear" and p.cols % NF4_BLOCK]
 
 
 def _skeleton_and_skips(config: Any, trust_remote_code: bool) -> tuple[tuple[Param, ...], tuple[str, ...]]:
@@ -74,12 +85,13 @@ def _count(model: nn.Module, config: Any, skip: list[str]) -> tuple[Param, ...]:
     for name, p in model.named_parameters():  # tied weights appear once
         owner_name, _, leaf = name.rpartition(".")
         group = adapter.group_of(name)
-        kind, rows = "plain", 0
+        kind, rows, cols = "plain", 0, 0
         if p.dim() == 3 and group == "experts":
             kind = "expert3d"
         elif leaf == "weight" and _bnb_converts(modules[owner_name], owner_name, skip):
             kind, rows = "linear", _out_rows(modules[owner_name])
-        params.append(Param(name, p.numel(), group, kind, rows))
+            cols = p.numel() // max(rows, 1)
+        params.append(Param(name, p.numel(), group, kind, rows, cols))
     return tuple(params)
 
 
@@ -119,7 +131,7 @@ def param_bytes(p: Param, preset: Preset, quantize_router: bool = False) -> tupl
         return p.numel * 4, False  # Mxfp4GptOssExperts keeps the expert biases in float32
     if q == "bnb-int8" and p.kind == "linear":
         return p.numel * BYTES_PER_QUANTIZED_VALUE["bnb-int8"] + p.rows * 4, True
-    if q == "bnb-nf4" and p.kind == "linear":
+    if q == "bnb-nf4" and p.kind == "linear" and not p.cols % NF4_BLOCK:
         return p.numel * BYTES_PER_QUANTIZED_VALUE["bnb-nf4"], True
     return plain, False
 

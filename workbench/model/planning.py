@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 from workbench.errors import ModelNotFoundError, PresetError
-from workbench.model import hardware, mxfp4_packed, sources
+from workbench.model import hardware, memory, mxfp4_packed, sources
 from workbench.model.adapters import adapter_for, text_config
 from workbench.model.memory import (  # noqa: F401 (re-exported)
     Param,
@@ -243,6 +243,12 @@ def _quantization_notes(ctx: _Context, preset: Preset, params_by_group: dict[str
     experts = params_by_group["experts"]
     if preset.quantization and preset.quantization.startswith("bnb"):
         notes.append("bitsandbytes replaces nn.Linear modules only (lm_head and tied weights are skipped)")
+        if preset.quantization == "bnb-nf4":
+            narrow = memory.nf4_narrow_linears(ctx.source.config)
+            if narrow:
+                notes.append(f"{len(narrow)} Linear(s) whose input width is not a multiple of {memory.NF4_BLOCK} stay "
+                             f"in {str(preset.dtype).removeprefix('torch.')} (NF4 cannot quantize them): "
+                             + ", ".join(narrow[:3]) + (", ..." if len(narrow) > 3 else ""))
         if experts and adapter.is_moe:
             shared = " (the always-on shared expert is a plain nn.Linear MLP and is quantized)" if adapter.shared_expert else ""
             notes.append(
