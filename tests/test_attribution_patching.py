@@ -51,9 +51,11 @@ def test_attribution_patching_agrees_with_patching(name):
     assert torch.equal(s.trace(clean, what=["blocks.0.resid_post"])["blocks.0.resid_post"], before)
 
 
-# Measured on this machine (see the closing note of the session that added them): the thresholds sit below them.
-MIN_CORRELATION = {("smollm2", "residual"): 0.5, ("smollm2", "attention_heads"): 0.3,
-                   ("nano", "residual"): 0.5, ("nano", "attention_heads"): 0.3}
+# Measured (2026-12-05, this machine): SmolLM2 residual 0.983, attention heads 0.982; nano residual 0.998, attention
+# heads 0.999 (and experts 0.577: top-k routing is not linear in the router logits, so it is not asserted). The
+# thresholds sit below what was measured, so a real loss of agreement fails and float noise does not.
+MIN_CORRELATION = {("smollm2", "residual"): 0.9, ("smollm2", "attention_heads"): 0.9,
+                   ("nano", "residual"): 0.95, ("nano", "attention_heads"): 0.95}
 
 
 def test_hook_point_names_and_refusals():

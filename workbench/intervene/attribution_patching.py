@@ -133,6 +133,11 @@ def attribution_patch(model, tokenizer, adapter: Adapter, clean, corrupt, *, at=
 
 def _keep(store: dict, detach: bool):
     def fn(x, hook):
-        store[hook.name] = x.detach().clone() if detach else x
-        return None
+        if detach:
+            store[hook.name] = x.detach().clone()
+            return None
+        # Hand the model a copy and keep that: the gradient is then taken with respect to exactly the tensor the
+        # rest of the forward consumes (a view made inside a hook, like attn.z's per-head split, is not).
+        store[hook.name] = y = x.clone()
+        return y
     return fn
