@@ -65,7 +65,7 @@ def test_the_budget_counts_the_forward_too():
 def test_busy_error_says_what_runs_and_a_stopped_chat_frees_the_session():
     s = smollm2()
     run = s.stream("Tell me a long story.", max_new_tokens=200, temperature=0)
-    with pytest.raises(BusyError, match="a generation \\(s.stream / s.chat\\) is running.*run.stop\\(\\)"):
+    with pytest.raises(BusyError, match="a generation is running on this session \\(s.stream / s.chat\\): stop it \\(run.stop\\(\\)\\)"):
         s.trace("hello")
     run.stop()
     run.result()

@@ -66,7 +66,7 @@ def test_hook_point_names_and_refusals():
     assert torch.equal(by_kind.scores, by_name.scores)
     experts = s.attribution_patching(clean, corrupt, at="experts")
     assert experts.scores.shape == (4, 8)
-    with pytest.raises(PatchingError, match="hook points of one of these kinds"):
+    with pytest.raises(PatchingError, match="not a site kind.*hook points of one of these kinds"):
         s.attribution_patching(clean, corrupt, at="blocks.*.attn.q")
     packed = wb.load(str(fixtures.nano_path("mxfp4")), preset="mxfp4")
     with pytest.raises(PatchingError, match="needs gradients through the weights.*preset 'mxfp4'"):

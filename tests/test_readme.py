@@ -57,3 +57,19 @@ def test_what_the_readme_says_about_default_models_and_names_holds():
     assert wb.default_model("attention") == wb.default_model("chat") == str(fixtures.smollm2_path())
     assert wb.default_model("moe") == str(fixtures.nano_path())
     assert wb.load(str(fixtures.nano_path())).report.model == "gpt-oss-nano (bf16)"  # not the folder's name "bf16"
+
+
+@pytest.mark.slow
+def test_every_readme_block_runs_as_written_in_order(tmp_path, monkeypatch):
+    """Every python block of the README, top to bottom in one namespace as a reader runs them, on the offline
+    models: the only change is the quickstart's one parameter, MODEL, set as its own comment says."""
+    import workbench as wb
+
+    monkeypatch.chdir(tmp_path)  # blocks save files (run.wbtrace, stats.safetensors)
+    namespace: dict = {}
+    for i, block in enumerate(_python_blocks()):
+        if 'MODEL = "openai/gpt-oss-20b"' in block:
+            block = block.replace('MODEL = "openai/gpt-oss-20b"', "MODEL = str(wb.fixtures.nano_path())")
+        exec(compile(block, f"README block {i}", "exec"), namespace)
+    assert namespace["g"].token_ids and namespace["stats"] is not None and namespace["e"].scores.numel()
+    assert wb.Trace.load(tmp_path / "run.wbtrace").tokens.ids

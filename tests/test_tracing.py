@@ -356,7 +356,8 @@ def test_budget():
     size = trace_bytes(model.config, adapter, 24, what=("attention",), dtype=torch.float16)
     assert size["attention"] == 24 * 4 * (4 + 2) * 16 * 2
     with pytest.raises(CaptureBudgetError) as e:
-        trace(model, None, adapter, ids(), what=["routing", "attention", "residuals"], budget=10_000)
+        # the forward's own estimate is ~148 KB here: 160 KB leaves room for some of the request
+        trace(model, None, adapter, ids(), what=["routing", "attention", "residuals"], budget=160_000)
     msg = str(e.value)
     assert "routing only" in msg and "layers=[0, 1]" in msg and "heads=[0]" in msg and "first" in msg
     assert all_hooks(model) == hooks

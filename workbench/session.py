@@ -171,7 +171,7 @@ class Session:
             raise BusyError(self._busy_message("generating"))
         parser = chat_format.make_parser(self.tokenizer)
         self._writing = parser
-        self._doing = "a generation (s.stream / s.chat)"
+        self._doing = "a generation"
         try:
             run = generation.start(self.model, self.tokenizer, prompt_ids, params, parser, stop_token_ids=stop_tokens)
         except BaseException:
@@ -189,9 +189,10 @@ class Session:
 
     def _busy_message(self, doing: str) -> str:
         running = self._doing or "a generation"
-        hint = ("stop it (run.stop()) or wait for it" if "generation" in running
-                else "wait for it to finish (it returns on its own)")
-        return f"{running} is running on this session: {hint} before {doing}."
+        if running == "a generation":
+            return (f"a generation is running on this session (s.stream / s.chat): stop it (run.stop()) or wait for "
+                    f"it before {doing}.")
+        return f"{running} is running on this session: wait for it to finish (it returns on its own) before {doing}."
 
     def writing_channel(self):
         """While a generation runs: the channel whose content the model is writing now (None in a header);

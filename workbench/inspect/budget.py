@@ -99,8 +99,8 @@ def check_budget(spec: CaptureSpec, tokens: int, budget, rows: int = 1) -> None:
     if "routing" in spec.what and len(spec.what) > 1:
         options.append(f"routing only (what=['routing']): {format_bytes(size(what=('routing',)))}")
     if "attention" in spec.what:
-        per_layer = size(what=("attention",), layers=spec.layers[:1])
-        fit = int(limit // max(per_layer, 1))
+        fit = next((n for n in range(len(spec.layers) - 1, 0, -1)
+                    if size(what=("attention",), layers=spec.layers[:n]) <= limit), 0)
         if 1 <= fit < len(spec.layers):
             few = spec.layers[:fit]
             options.append(f"attention on {fit} layer(s) (layers={few if fit <= 4 else f'{few[:2]}...'}): "

@@ -37,8 +37,8 @@ def site_kind(at: str, adapter: Adapter) -> tuple[str, list[int] | None]:
 
     m = re.fullmatch(r"blocks\.([^.]+)\.(.+)", at) if isinstance(at, str) else None
     if not m or m.group(2) not in KIND_OF:
-        raise PatchingError(f"at={at!r}: patch a site kind ({', '.join(map(repr, patching.SITES))}) or hook points of "
-                            f"one of these kinds: {', '.join('blocks.{L}.' + p for p in POINT_OF.values())}.")
+        raise PatchingError(f"at={at!r} is not a site kind: choose one of {', '.join(map(repr, patching.SITES))}, or "
+                            f"hook points of one of these kinds: {', '.join('blocks.{L}.' + p for p in POINT_OF.values())}.")
     kind = patching._check_at(KIND_OF[m.group(2)], adapter)
     return kind, None if m.group(1) == "*" else [int(m.group(1))]
 
