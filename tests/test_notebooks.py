@@ -34,6 +34,14 @@ def test_notebook_runs_with_offline_defaults(path, tmp_path, smollm2_dir):
     nb = _run(path, tmp_path)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+    # every figure a learner sees has a title and fits a notebook (autosized, or at most 1,000 px wide)
+    figures = [o["data"]["application/vnd.plotly.v1+json"] for c in nb.cells if c.cell_type == "code"
+               for o in c.outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    for fig in figures:
+        layout = fig.get("layout", {})
+        title = layout.get("title", {})
+        assert (title.get("text") if isinstance(title, dict) else title), f"{path.name}: a figure without a title"
+        assert layout.get("width") is None or layout["width"] <= 1000, f"{path.name}: a figure {layout['width']} px wide"
 
 
 @pytest.mark.slow
