@@ -57,6 +57,7 @@ class Capture:
         self._handles: list = []
         self._restore: list = []
         self._current: list[Record] | None = None  # the rows of the forward in progress
+        self._tokens = 0  # tokens per row of that forward (expert points' positions are flat: row * tokens + t)
 
     # ---- installing and removing --------------------------------------------------------------
     def __enter__(self) -> "Capture":

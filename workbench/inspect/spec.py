@@ -10,7 +10,7 @@ from typing import Any, Iterable
 import torch
 
 from workbench import arguments
-from workbench.errors import CaptureError
+from workbench.errors import CaptureError, HookPointError
 from workbench.indices import resolve_indices
 from workbench.inspect import points as hook_points
 from workbench.model import compat
@@ -75,9 +75,7 @@ class CaptureSpec:
             try:
                 groups, named = hook_points.expand(space, items, None if layers is None else
                                                    resolve_indices(layers, n_layers, "layer", error=CaptureError))
-            except CaptureError:
-                raise
-            except Exception as e:  # HookPointError: say it as the capture's error, with the groups too
+            except HookPointError as e:  # said as the capture's error, with the groups too
                 raise CaptureError(f"what={what!r}: choose any of {', '.join(WHAT)} (capture groups), or hook point "
                                    f"names. {e}") from e
         if "routing" in groups and not adapter.is_moe:

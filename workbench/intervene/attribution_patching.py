@@ -17,6 +17,8 @@ float (int8, nf4, packed mxfp4) are refused with the reason: there is no gradien
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from workbench.errors import PatchingError
@@ -33,8 +35,6 @@ def site_kind(at: str, adapter: Adapter) -> tuple[str, list[int] | None]:
     """A patching site kind, or hook point names/patterns of one kind ("blocks.*.attn.z") -> (kind, layers or None)."""
     if at in patching.SITES:
         return patching._check_at(at, adapter), None
-    import re
-
     m = re.fullmatch(r"blocks\.([^.]+)\.(.+)", at) if isinstance(at, str) else None
     if not m or m.group(2) not in KIND_OF:
         raise PatchingError(f"at={at!r} is not a site kind: choose one of {', '.join(map(repr, patching.SITES))}, or "
