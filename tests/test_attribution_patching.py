@@ -64,6 +64,10 @@ def test_hook_point_names_and_refusals():
     by_kind = s.attribution_patching(clean, corrupt, at="residual", layers=[2])
     by_name = s.attribution_patching(clean, corrupt, at="blocks.2.resid_post")
     assert torch.equal(by_kind.scores, by_name.scores)
+    a, b = by_kind.answers  # a metric of the user's gets every position's logits [tokens, vocab]
+    custom = s.attribution_patching(clean, corrupt, at="residual", layers=[2],
+                                    metric=lambda logits: logits[-1, a] - logits[-1, b])
+    assert torch.equal(custom.scores, by_kind.scores) and custom.answers is None
     experts = s.attribution_patching(clean, corrupt, at="experts")
     assert experts.scores.shape == (4, 8)
     with pytest.raises(PatchingError, match="not a site kind.*hook points of one of these kinds"):

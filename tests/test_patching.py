@@ -245,13 +245,37 @@ def test_cost_is_said_before_running_and_counts_the_forwards():
     assert [c[0] for c in calls] == [1, 1] + [4] * (cost.batches - 1) + [3 * len(ids) - 4 * (cost.batches - 1)]
 
 
+def test_a_metric_reads_any_position_and_causality_holds():
+    """metric(logits [tokens, vocab]): a metric of position 1 is unchanged by patching any later position, and
+    patching the last layer's output at position 1 gives the clean run's value there (the residual after the last
+    layer decides that position's logits)."""
+    s = moe("tiny")
+    ids = s.tokenizer(MOE_CLEAN)["input_ids"]
+    a, b = two_answers(s, ids)
+    shapes = []
+
+    def at_position_1(logits):
+        shapes.append(tuple(logits.shape))
+        return logits[1, a] - logits[1, b]
+
+    last = s.model.config.num_hidden_layers - 1
+    r = s.patch(MOE_CLEAN, MOE_CORRUPT, at="residual", metric=at_position_1, batch_size=1)
+    assert set(shapes) == {(len(ids), s.model.config.vocab_size)}
+    assert torch.equal(r.scores[:, 2:], torch.full_like(r.scores[:, 2:], r.corrupt))
+    assert r.scores[last, 1].item() == pytest.approx(r.clean, abs=ATOL)
+    assert r.clean != pytest.approx(r.corrupt, abs=1e-3)  # the two runs differ at position 1 (the changed word)
+    with pytest.raises(PatchingError, match=r"metric must be a function of one run's logits \[tokens, vocab\]"):
+        s.patch(MOE_CLEAN, MOE_CORRUPT, metric="logit_diff")
+
+
 def test_custom_metric_and_chat_messages():
     s = moe("tiny")
     ids = s.tokenizer(MOE_CLEAN)["input_ids"]
     a, b = two_answers(s, ids)
     default = s.patch(MOE_CLEAN, MOE_CORRUPT, at="mlp", answers=(a, b))
-    custom = s.patch(MOE_CLEAN, MOE_CORRUPT, at="mlp", metric=lambda logits: logits[a] - logits[b])
-    assert torch.equal(custom.scores, default.scores) and custom.answers is None
+    custom = s.patch(MOE_CLEAN, MOE_CORRUPT, at="mlp", metric=lambda logits: logits[-1, a] - logits[-1, b])
+    # the metric sees every position's logits; the default projects the last one alone (other matmul shapes)
+    assert torch.allclose(custom.scores, default.scores, atol=ATOL) and custom.answers is None
     messages, other = [{"role": "user", "content": "the cat"}], [{"role": "user", "content": "the dog"}]
     rendered = render(s.tokenizer, messages)
     assert len(rendered) == len(render(s.tokenizer, other))  # the harmony template, both 153 tokens

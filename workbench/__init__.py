@@ -13,6 +13,7 @@ from workbench import errors, fixtures
 from workbench.analysis.presets_compare import PresetComparison, compare_presets
 from workbench.analysis.routing_stats import RoutingStats, merge_routing_stats
 from workbench.analysis.sae import SAE, load_sae
+from workbench.chat.inputs import Conversation, conversation, user
 from workbench.errors import (
     AdapterError,
     AttributionError,
@@ -65,4 +66,4 @@ __all__ = [
     "force_experts", "load", "merge_routing_stats", "plan", "plan_all", "scale_sinks", "steer_experts", "trace",
     "__version__",
 ]
-__all__ += ["SAE", "load_sae", "SAEError", "PatchingError", "PatchingBudgetError", "HookPointError", "AttributionError"]
+__all__ += ["Conversation", "conversation", "user", "SAE", "load_sae", "SAEError", "PatchingError", "PatchingBudgetError", "HookPointError", "AttributionError"]

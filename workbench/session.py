@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from workbench.chat import generation
 from workbench.chat import harmony as chat_format
+from workbench.chat import inputs as input_rule
 from workbench import arguments
 from workbench.errors import BusyError, ChatError, SamplingError, WorkbenchError
 from workbench.model import hardware, planning, sources
@@ -136,10 +137,21 @@ class Session:
 
     def render(self, prompt, *, reasoning_effort: str | None = None, system: str | None = None,
                developer: str | None = None, tools: list | None = None, renderer: str | None = None) -> list[int]:
-        """Token ids the model sees for a prompt (a string, chat messages, or token ids as-is).
+        """Token ids the model sees for a prompt: a string is the user's turn; chat messages, wb.user(...) (its own
+        rendering options; the keywords here may add to them, not contradict them), or token ids as-is.
 
         `renderer="harmony"` renders with openai-harmony instead of the model's chat template (gpt-oss only).
         """
+        if isinstance(prompt, input_rule.Conversation):
+            given = {"reasoning_effort": reasoning_effort, "system": system, "developer": developer, "tools": tools}
+            for key, value in prompt.options().items():
+                if value is not None and given[key] is not None and given[key] != value:
+                    raise ChatError(f"{key}={given[key]!r} here, but the wb.user(...) turn says {key}={value!r}: say "
+                                    "it once.")
+                given[key] = given[key] if given[key] is not None else value
+            reasoning_effort, system, developer, tools = (given[k] for k in ("reasoning_effort", "system",
+                                                                              "developer", "tools"))
+            prompt = list(prompt.messages)
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
             vocab = getattr(text_config(self.model.config), "vocab_size", None)
             return arguments.token_ids(prompt, vocab, ChatError, "the prompt")
@@ -346,18 +358,29 @@ class Session:
 
         return hooks.module_names(self.model, contains)
 
-    def compare(self, prompt, interventions, **kwargs):
-        """Texts, per-token KL (teacher-forced on the baseline's tokens) and routing diff per variant."""
+    def compare(self, prompt, interventions, *, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
+                reasoning_effort: str | None = None, system: str | None = None, developer: str | None = None,
+                tools: list | None = None, renderer: str | None = None, **chat_kwargs):
+        """Texts, per-token KL (teacher-forced on the baseline's tokens) and routing diff per variant. A string
+        prompt is raw text; wb.user(text) (or messages) is a chat turn, rendered with the keywords given here.
+        Other keywords (top_p, stop_tokens, ...) go to s.chat. See workbench/intervene/compare.py."""
         from workbench.intervene import compare as comparing
 
-        return comparing.compare(self, prompt, interventions, **kwargs)
+        return comparing.compare(self, prompt, interventions, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 seed=seed, reasoning_effort=reasoning_effort, system=system, developer=developer,
+                                 tools=tools, renderer=renderer, **chat_kwargs)
 
-    def routing_stats(self, texts, **kwargs):
-        """Routing aggregates over a corpus, streamed in right-padded batches (expert load, co-activation,
-        token -> expert table, router entropy); resumable with checkpoint=. See workbench/routing_stats.py."""
-        from workbench.analysis.routing_stats import routing_stats
+    def routing_stats(self, texts, *, batch_size: int = 8, max_tokens: int = 512, checkpoint=None,
+                      checkpoint_every: int = 20, progress: bool = True, text_key: str = "text",
+                      token_table: bool = True, bins: int | None = None):
+        """Routing aggregates over a corpus (strings are raw text; wb.user(...) chat turns; row dicts read
+        `text_key`), streamed in right-padded batches (expert load, co-activation, token -> expert table, router
+        entropy); resumable with checkpoint=. See workbench/analysis/routing_stats.py."""
+        from workbench.analysis import routing_stats as counting
 
-        return routing_stats(self, texts, **kwargs)
+        return counting.routing_stats(self, texts, batch_size=batch_size, max_tokens=max_tokens, checkpoint=checkpoint,
+                                      checkpoint_every=checkpoint_every, progress=progress, text_key=text_key,
+                                      token_table=token_table, bins=counting.BINS if bins is None else bins)
 
     def widget(self, **defaults):
         """An ipywidgets generation widget with a token inspector (see workbench.widget)."""

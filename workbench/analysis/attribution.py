@@ -34,10 +34,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from workbench.chat import inputs as input_rule
 from workbench.errors import AttributionError
 from workbench.indices import as_integer
 from workbench.inspect.routing import Routed, watch_routing
-from workbench.inspect.trace import as_token_ids
 from workbench.model.adapters import input_device, text_config
 
 APPROXIMATION = "final RMSNorm frozen at this position: RMSNorm(x) ≈ x * (g / rms(x)) with rms(x) fixed"
@@ -255,9 +255,8 @@ def attribute(session, inputs, target=None, position: int = -1, *, figure: Calla
     figure: the function `a.figure(kind, n)` calls (the session passes views.attribution.attribution_figure).
     """
     model, tokenizer, adapter = session.model, session.tokenizer, session.adapter
-    ids, _ = as_token_ids(tokenizer, inputs)
-    if not ids:
-        raise AttributionError("nothing to attribute: the input has no tokens.")
+    ids, _ = input_rule.token_ids(tokenizer, inputs, error=AttributionError, where="attribute's input",
+                                  vocab_size=int(model.get_output_embeddings().weight.shape[0]))
     position = resolve_position(position, len(ids))
     head = model.get_output_embeddings()
     target = resolve_target(tokenizer, target, head.weight.shape[0]) if target is not None else None

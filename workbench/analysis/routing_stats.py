@@ -36,6 +36,7 @@ from typing import Iterable
 
 import torch
 
+from workbench.chat import inputs as input_rule
 from workbench.errors import RoutingStatsError, TraceModelMismatchError
 from workbench.inspect.capture import pad_right  # the one batching, shared with batched traces
 from workbench.inspect.routing import Routed, watch_routing
@@ -283,17 +284,14 @@ class _RouterHooks:
 
 
 def token_ids(tokenizer, item, text_key: str = "text") -> list[int]:
-    """A corpus item as token ids: a string (tokenized like `s.trace(text)`), a dict, or ids as they are."""
-    if isinstance(item, dict):
+    """A corpus item as token ids: a row dict's `text_key`, else anything the input rule takes (a string is raw
+    text, tokenized like `s.trace(text)`; wb.user(...) a chat turn; ids as they are)."""
+    if isinstance(item, dict) and "role" not in item:
+        if text_key not in item:
+            raise RoutingStatsError(f"a corpus row has no {text_key!r} field (its keys: {', '.join(map(str, item))}): "
+                                    "pass text_key= to name the text field.")
         item = item[text_key]
-    if isinstance(item, str):
-        return list(tokenizer(item)["input_ids"])
-    if isinstance(item, torch.Tensor):
-        return item.reshape(-1).tolist()
-    if isinstance(item, (list, tuple)) and all(isinstance(t, int) for t in item):
-        return list(item)
-    raise RoutingStatsError(f"corpus items must be strings, dicts with {text_key!r}, or token ids, "
-                            f"not {type(item).__name__}.")
+    return input_rule.token_ids(tokenizer, item, error=RoutingStatsError, where="a corpus item")[0]
 
 
 def forward_kwargs(model) -> dict:

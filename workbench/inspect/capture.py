@@ -29,7 +29,8 @@ from workbench.errors import CaptureError, ContextLengthError
 from workbench.inspect.budget import check_budget
 from workbench.inspect.routing import Routed, watch_routing
 from workbench.inspect.spec import WHAT, CaptureSpec, Record  # noqa: F401 (WHAT re-exported)
-from workbench.inspect.trace import BatchTrace, Trace, as_token_ids, is_batch
+from workbench.chat import inputs as input_rule
+from workbench.inspect.trace import BatchTrace, Trace
 from workbench.model import compat
 from workbench.model.adapters import Adapter, input_device, text_config
 
@@ -269,21 +270,20 @@ def trace(model, tokenizer, adapter: Adapter, inputs, what=None, layers=None, he
           allow_longer: bool = False):
     """One forward over `inputs` with capture; returns a Trace, or a BatchTrace for a batch.
 
-    inputs: a Generation, a string, chat messages or token ids; or a list of those (a batch: one right-padded
-    forward; `t[i]` is row i's Trace, equal to tracing it alone, with no padding in it).
+    inputs: raw text, wb.user(text) (a chat turn), chat messages, a Generation or token ids (workbench.chat.inputs);
+    or a list of those (a batch: one right-padded forward; `t[i]` is row i's Trace, equal to tracing it alone,
+    with no padding in it).
     what: any of "routing", "attention", "residuals" (default: routing and attention; attention on dense
     models). dtype: storage for q/k/residuals (default: the model's dtype if 16-bit, else float16;
     torch.float32 for exact work on a float32 model). budget: '2GB', '500MB', bytes or None, for the whole batch.
     provenance: what was active (interventions, steering, hooks), recorded in the trace and its file.
     allow_longer: trace an input longer than the model's context (with a warning) instead of refusing it.
     """
-    batch = is_batch(inputs)
-    items = [as_token_ids(tokenizer, x) for x in (inputs if batch else [inputs])]
-    if not items or any(not ids for ids, _ in items):
-        raise CaptureError("nothing to trace: an input has no tokens.")
+    batch, given = input_rule.items(inputs, error=CaptureError, where="the trace's input")
     vocab = int(getattr(text_config(model.config), "vocab_size", 0) or 0)
-    for ids, _ in items:
-        arguments.token_ids(ids, vocab, CaptureError, "trace")
+    items = [input_rule.token_ids(tokenizer, x, error=CaptureError, vocab_size=vocab,
+                                  where=f"trace input {i}" if batch else "the trace's input")
+             for i, x in enumerate(given)]
     longest = max(len(ids) for ids, _ in items)
     limit = getattr(text_config(model.config), "max_position_embeddings", None)
     if limit and longest > limit:

@@ -571,31 +571,3 @@ class BatchTrace:
         return f"BatchTrace({len(self.rows)} rows of {lengths} tokens)"
 
 
-# ---- inputs -----------------------------------------------------------------------------------------
-def is_batch(inputs) -> bool:
-    """A list of inputs (strings, Generations, chat conversations, id lists), as opposed to one input (a string,
-    a Generation, one conversation as a list of message dicts, or a list of token ids)."""
-    if not isinstance(inputs, (list, tuple)) or not inputs:
-        return False
-    if all(isinstance(i, int) for i in inputs) or all(isinstance(m, dict) for m in inputs):
-        return False
-    return True
-def as_token_ids(tokenizer, inputs) -> tuple[list[int], list[str] | None]:
-    """Token ids (and channel labels) for a Generation, a raw string, chat messages, or token ids."""
-    if hasattr(inputs, "prompt_ids") and hasattr(inputs, "token_ids"):
-        ids = list(inputs.prompt_ids) + list(inputs.token_ids)
-        channels = getattr(inputs, "token_channels", None)
-        if channels is not None and len(channels) == len(inputs.token_ids):
-            return ids, ["prompt"] * len(inputs.prompt_ids) + list(channels)
-        return ids, None
-    if isinstance(inputs, torch.Tensor):
-        return inputs.reshape(-1).tolist(), None
-    if isinstance(inputs, str):
-        return list(tokenizer(inputs)["input_ids"]), None
-    if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(i, int) for i in inputs):
-        return list(inputs), None
-    if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(m, dict) for m in inputs):
-        from workbench.chat import harmony as chat
-
-        return chat.render(tokenizer, inputs, add_generation_prompt=inputs[-1].get("role") != "assistant"), None
-    raise CaptureError(f"trace() takes a Generation, a string, chat messages or token ids, not {type(inputs).__name__}.")

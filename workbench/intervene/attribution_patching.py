@@ -64,8 +64,9 @@ def attribution_patch(model, tokenizer, adapter: Adapter, clean, corrupt, *, at=
     if metric is not None and answers is not None:
         raise PatchingError("answers= chooses the tokens of the default metric; with metric= leave answers out.")
     if metric is not None and not callable(metric):
-        raise PatchingError(f"metric must be a function of the last position's logits [vocab], not {metric!r}.")
-    clean_ids, corrupt_ids = patching._ids(tokenizer, clean, "clean"), patching._ids(tokenizer, corrupt, "corrupt")
+        raise PatchingError(f"metric must be a function of one run's logits [tokens, vocab], not {metric!r}.")
+    clean_ids = patching._ids(tokenizer, clean, "clean", model)
+    corrupt_ids = patching._ids(tokenizer, corrupt, "corrupt", model)
     patching._check_lengths(tokenizer, clean_ids, corrupt_ids)
     g = patching._geometry(model, adapter)
     chosen = patching._layers(layers, kind, g)
@@ -76,14 +77,16 @@ def attribution_patch(model, tokenizer, adapter: Adapter, clean, corrupt, *, at=
 
     clean_values: dict[str, torch.Tensor] = {}
     with torch.no_grad(), Taps(model, adapter, [(p, _keep(clean_values, detach=True)) for p in points]):
-        clean_logits = model(input_ids=torch.tensor([clean_ids], device=device), use_cache=False).logits[0, -1].float()
+        clean_all = model(input_ids=torch.tensor([clean_ids], device=device), use_cache=False).logits[0].float()
+    clean_logits = clean_all[-1]
 
     corrupt_values: dict[str, torch.Tensor] = {}
     embeddings = model.get_input_embeddings()
     leaf = embeddings.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True))
     try:
         with torch.enable_grad(), Taps(model, adapter, [(p, _keep(corrupt_values, detach=False)) for p in points]):
-            logits = model(input_ids=torch.tensor([corrupt_ids], device=device), use_cache=False).logits[0, -1].float()
+            all_logits = model(input_ids=torch.tensor([corrupt_ids], device=device), use_cache=False).logits[0].float()
+            logits = all_logits[-1]
             if answers is not None:
                 answers = (patching._answer(tokenizer, answers[0], vocab, "clean"),
                            patching._answer(tokenizer, answers[1], vocab, "corrupt"))
@@ -98,12 +101,12 @@ def attribution_patch(model, tokenizer, adapter: Adapter, clean, corrupt, *, at=
                 value = logits[answers[0]] - logits[answers[1]]
                 clean_metric = float(clean_logits[answers[0]] - clean_logits[answers[1]])
             else:
-                value = metric(logits)
+                value = metric(all_logits)
                 if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.requires_grad:
                     raise PatchingError("for attribution patching, metric must return a one-element tensor computed "
                                         "from the logits it is given (so it has a gradient), not a plain number.")
                 value = value.reshape(())
-                clean_metric = patching._number(metric(clean_logits))
+                clean_metric = patching._number(metric(clean_all))
             grads = torch.autograd.grad(value, [corrupt_values[p.name] for p in points], allow_unused=True)
     finally:
         leaf.remove()

@@ -1,7 +1,7 @@
 """Side by side: what interventions do to a generation, its next-token distributions and its routing.
 
-    r = compare(s, "Why is the sky blue?", interventions=[ablate_experts(s, {3: [7]}),
-                                                           [force_experts(s, ...), ablate_heads(s, ...)]])
+    r = compare(s, wb.user("Why is the sky blue?"),
+                interventions=[ablate_experts(s, {3: [7]}), [force_experts(s, ...), ablate_heads(s, ...)]])
     r.texts["baseline"], r.texts[r.labels[1]]   # each variant's own (greedy) generation
     r.kl[r.labels[1]]                           # [completion tokens] KL(baseline || variant), nats
     r.routing_diff(r.labels[1])                 # share of (layer, token) whose expert set changed
@@ -20,11 +20,12 @@ import html
 
 import torch
 
+from workbench.chat import inputs as input_rule
 from workbench.errors import InterventionError
 from workbench.inspect.routing import routed_forward
 from workbench.intervene.interventions import Intervention
 from workbench.metrics import kl_divergence
-from workbench.model.adapters import input_device
+from workbench.model.adapters import input_device, text_config
 
 
 @dataclasses.dataclass
@@ -75,14 +76,19 @@ def compare(session, prompt, interventions, *, max_new_tokens: int = 32, tempera
             seed: int = 0, **chat_kwargs) -> Comparison:
     """Generate without and with each variant, and measure per-token KL and routing on the baseline's tokens.
 
+    prompt, by the input rule (workbench.chat.inputs): raw text is continued as it is; wb.user(text) or chat
+    messages are a chat turn, rendered as `s.chat` renders it (the rendering keywords reasoning_effort, system,
+    developer, tools, renderer apply to messages); token ids as they are; a Generation's prompt is generated afresh.
     interventions: a list whose items are an intervention or a list of interventions applied together (one
     variant each), or a dict {label: intervention or list}. An empty list is a variant that changes nothing.
-    chat_kwargs go to `session.chat` (reasoning_effort, system, top_p, ...); sampling is greedy unless
-    `temperature` > 0, with the same `seed` for every variant.
+    Other chat_kwargs (top_p, stop_tokens, ...) go to `session.chat`; sampling is greedy unless `temperature` > 0,
+    with the same `seed` for every variant.
     """
     variants = _variants(interventions)
+    rendering = {k: chat_kwargs.pop(k) for k in RENDER_KEYWORDS if chat_kwargs.get(k) is not None}
+    prompt_ids = _prompt_ids(session, prompt, rendering)
     kwargs = dict(chat_kwargs, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    baseline = session.chat(prompt, **kwargs)
+    baseline = session.chat(prompt_ids, **kwargs)
     ids = list(baseline.prompt_ids) + list(baseline.token_ids)
     n = len(baseline.token_ids)
     base_logp, base_routing = _teacher_forced(session, ids, n)
@@ -93,7 +99,7 @@ def compare(session, prompt, interventions, *, max_new_tokens: int = 32, tempera
         with contextlib.ExitStack() as stack:
             for intervention in group:
                 stack.enter_context(intervention)
-            generations[label] = session.chat(prompt, **kwargs)
+            generations[label] = session.chat(prompt_ids, **kwargs)
             logp, routing = _teacher_forced(session, ids, n)
         kl[label] = kl_divergence(base_logp, logp)
         changed[label] = None if routing is None else torch.stack(
@@ -101,6 +107,27 @@ def compare(session, prompt, interventions, *, max_new_tokens: int = 32, tempera
     return Comparison(labels=["baseline"] + [label for label, _ in variants], prompt_ids=list(baseline.prompt_ids),
                       generations=generations, tokens=list(baseline.tokens), kl=kl, routing_layers=layers,
                       routing_changed=changed)
+
+
+RENDER_KEYWORDS = ("reasoning_effort", "system", "developer", "tools", "renderer")
+
+
+def _prompt_ids(session, prompt, rendering: dict) -> list[int]:
+    """The prompt's token ids by the input rule; rendering keywords only where there is a conversation to render."""
+    if input_rule._is_messages(prompt):
+        return session.render(list(prompt), **rendering)
+    if rendering:
+        said = ", ".join(f"{k}={v!r}" for k, v in rendering.items())
+        if isinstance(prompt, str):
+            raise InterventionError(f"{said} renders a chat turn, but a string is raw text here: write "
+                                    f"s.compare(wb.user({prompt!r:.40}, {said}), ...) to compare chat answers.")
+        raise InterventionError(f"{said} renders a chat turn: give it inside wb.user(text, ...) or pass messages, "
+                                f"not {input_rule.describe(prompt)}.")
+    if input_rule.is_generation(prompt):
+        return list(prompt.prompt_ids)
+    vocab = getattr(text_config(session.model.config), "vocab_size", None)
+    return input_rule.token_ids(session.tokenizer, prompt, error=InterventionError, where="compare's prompt",
+                                vocab_size=vocab)[0]
 
 
 def _variants(interventions) -> list[tuple[str, list[Intervention]]]:

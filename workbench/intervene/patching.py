@@ -19,8 +19,8 @@ site: ceil(sites / batch_size) batched forwards. Site kinds:
 
 Every site kind replaces values position by position, so clean and corrupt must have the same number of
 tokens. The default metric is the logit difference at the last position between the clean run's greedy next
-token and the corrupt run's (or `answers=(clean_token, corrupt_token)`); `metric(last_logits[vocab]) -> float`
-replaces it. Hooks and router transforms exist only inside the call and are removed in `finally`.
+token and the corrupt run's (or `answers=(clean_token, corrupt_token)`); `metric(logits[tokens, vocab]) -> float`
+replaces it, given every position's logits (float32), so it can read any position. Hooks and router transforms exist only inside the call and are removed in `finally`.
 
 Batched and unbatched forwards may differ in the last bits (matrix products of other shapes): batch_size=1
 makes every patched forward the same shape as the clean and corrupt ones.
@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from workbench.chat import harmony as chat
+from workbench.chat import inputs as input_rule
 from workbench.errors import PatchingBudgetError, PatchingError
 from workbench.indices import format_indices, resolve_index, resolve_indices
 from workbench.inspect.budget import parse_budget
@@ -152,10 +152,11 @@ def _site_width(at: str, g: dict) -> int:
             "experts": g["experts"]}[at]
 
 
-def _cost(model, adapter, at, layers, tokens: int, batch_size: int, g: dict | None = None) -> PatchCost:
+def _cost(model, adapter, at, layers, tokens: int, batch_size: int, g: dict | None = None,
+          all_positions: bool = False) -> PatchCost:
     g = g or _geometry(model, adapter)
     per_layer = tokens if at in POSITIONAL else g["heads"] if at == "attention_heads" else g["experts"]
-    keep = 1 if _forward_extra(model) else tokens
+    keep = 1 if _forward_extra(model) and not all_positions else tokens
     return PatchCost(at=at, layers=layers, tokens=tokens, per_layer=per_layer, batch_size=batch_size,
                      cached_bytes=len(layers) * tokens * _site_width(at, g) * g["element"],
                      batch_bytes=forward_bytes(g, batch_size, tokens, keep))
@@ -199,24 +200,11 @@ def _check_budget(model, adapter, cost: PatchCost, budget, layers_arg, g: dict) 
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------
-def _ids(tokenizer, x, name: str) -> list[int]:
-    """Token ids of a string (tokenized as is), chat messages (rendered with the chat template), or ids."""
-    if isinstance(x, torch.Tensor):
-        if x.dim() > 1 and x.shape[0] != 1:
-            raise PatchingError(f"{name} is a batch of {x.shape[0]} sequences: give one sequence of token ids.")
-        ids = x.reshape(-1).tolist()
-    elif isinstance(x, str):
-        ids = list(tokenizer(x)["input_ids"])
-    elif isinstance(x, (list, tuple)) and x and all(isinstance(i, int) and not isinstance(i, bool) for i in x):
-        ids = list(x)
-    elif isinstance(x, (list, tuple)) and x and all(isinstance(m, dict) for m in x):
-        ids = chat.render(tokenizer, list(x), add_generation_prompt=x[-1].get("role") != "assistant")
-    else:
-        raise PatchingError(f"{name} must be a string, chat messages ([{{'role': 'user', 'content': ...}}]) or a "
-                            f"list of token ids, not {type(x).__name__} {x!r:.60}.")
-    if not ids:
-        raise PatchingError(f"{name} has no tokens.")
-    return ids
+def _ids(tokenizer, x, name: str, model=None) -> list[int]:
+    """Token ids of one input by the workbench's input rule (a string is raw text; wb.user(...) a chat turn),
+    within `model`'s vocabulary."""
+    vocab = getattr(text_config(model.config), "vocab_size", None) if model is not None else None
+    return input_rule.token_ids(tokenizer, x, error=PatchingError, where=name, vocab_size=vocab)[0]
 
 
 def _strings(tokenizer, ids: list[int]) -> list[str]:
@@ -254,7 +242,10 @@ def _forward_extra(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
-def _last_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+def _last_logits(model, input_ids: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
+    """float32 logits [batch, vocab] of the last position, or [batch, tokens, vocab] with all_positions."""
+    if all_positions:
+        return model(input_ids=input_ids, use_cache=False).logits.float()
     out = model(input_ids=input_ids, use_cache=False, **_forward_extra(model))
     return out.logits[:, -1].float()
 
@@ -279,8 +270,10 @@ def _replace_first(output, x: torch.Tensor):
     return (x, *output[1:]) if isinstance(output, (tuple, list)) else x
 
 
-def clean_cache(model, adapter: Adapter, at: str, layers: list[int], ids: list[int]) -> tuple[torch.Tensor, dict]:
-    """One forward over `ids`: (last-position logits [vocab] float32, {layer: activations [tokens, width]}).
+def clean_cache(model, adapter: Adapter, at: str, layers: list[int], ids: list[int],
+                all_positions: bool = False) -> tuple[torch.Tensor, dict]:
+    """One forward over `ids`: (last-position logits [vocab] float32, or [tokens, vocab] with all_positions,
+    {layer: activations [tokens, width]}).
 
     residual/mlp: the module's output; attention_heads: o_proj's input; experts: the router logits as the
     router-logits primitive reads them (with any active routing interventions applied)."""
@@ -291,7 +284,7 @@ def clean_cache(model, adapter: Adapter, at: str, layers: list[int], ids: list[i
         try:
             if at == "experts":
                 with watch_routing(model, adapter, layers, lambda layer, r: cache.__setitem__(layer, r.logits.clone())):
-                    logits = _last_logits(model, input_ids)
+                    logits = _last_logits(model, input_ids, all_positions)
                 return logits[0], cache
             for layer in layers:
                 module = _module(model, adapter, at, layer)
@@ -303,7 +296,7 @@ def clean_cache(model, adapter: Adapter, at: str, layers: list[int], ids: list[i
                     def hook(m, args, output, layer=layer):
                         cache[layer] = _first(output)[0].clone()
                     handles.append(module.register_forward_hook(hook))
-            logits = _last_logits(model, input_ids)
+            logits = _last_logits(model, input_ids, all_positions)
         finally:
             for h in handles:
                 h.remove()
@@ -311,8 +304,9 @@ def clean_cache(model, adapter: Adapter, at: str, layers: list[int], ids: list[i
 
 
 def patched_logits(model, adapter: Adapter, at: str, ids: list[int], cache: dict,
-                   rows: list[list[tuple[int, int]]]) -> torch.Tensor:
-    """Last-position logits [len(rows), vocab] float32 of `ids` repeated once per row, row r with each of its
+                   rows: list[list[tuple[int, int]]], all_positions: bool = False) -> torch.Tensor:
+    """Last-position logits [len(rows), vocab] float32 (or [len(rows), tokens, vocab] with all_positions) of
+    `ids` repeated once per row, row r with each of its
     sites (layer, index) set to the cached value: index is a position (residual, mlp), a head
     (attention_heads) or an expert (experts). One batched forward; nothing stays installed afterwards."""
     g = _geometry(model, adapter)
@@ -341,7 +335,7 @@ def patched_logits(model, adapter: Adapter, at: str, ids: list[int], cache: dict
                     undo.append(_module(model, adapter, at, layer).register_forward_pre_hook(hook, with_kwargs=True).remove)
                 else:
                     undo.append(_module(model, adapter, at, layer).register_forward_hook(_position_patch(value, r_t, i_t)).remove)
-            return _last_logits(model, input_ids)
+            return _last_logits(model, input_ids, all_positions)
         finally:
             for fn in reversed(undo):
                 fn()
@@ -453,7 +447,8 @@ def patch(model, tokenizer, adapter: Adapter, clean, corrupt, *, at: str = "resi
     clean, corrupt: strings (tokenized as they are), chat messages, or token ids, of the same token length.
     metric: None (logit difference at the last position between the clean and the corrupt answer: each run's
     greedy next token, or `answers=(clean_token, corrupt_token)` as ids or one-token strings), or a function
-    `metric(last_logits [vocab] float32) -> float`. dry_run=True returns the PatchCost without running.
+    `metric(logits [tokens, vocab] float32) -> float` of one run's logits at every position (the last is
+    logits[-1]). dry_run=True returns the PatchCost without running.
     budget: cached clean activations + one batch's estimated activations ('2GB', bytes or None).
     """
     at = _check_at(at, adapter)
@@ -463,8 +458,9 @@ def patch(model, tokenizer, adapter: Adapter, clean, corrupt, *, at: str = "resi
         raise PatchingError("answers= chooses the tokens of the default metric; with metric= compute what you "
                             "need from the logits inside it and leave answers out.")
     if metric is not None and not callable(metric):
-        raise PatchingError(f"metric must be a function of the last position's logits [vocab], not {metric!r}.")
-    clean_ids, corrupt_ids = _ids(tokenizer, clean, "clean"), _ids(tokenizer, corrupt, "corrupt")
+        raise PatchingError(f"metric must be a function of one run's logits [tokens, vocab], not {metric!r}.")
+    full = metric is not None  # a metric of the user's sees every position; the default needs the last only
+    clean_ids, corrupt_ids = _ids(tokenizer, clean, "clean", model), _ids(tokenizer, corrupt, "corrupt", model)
     _check_lengths(tokenizer, clean_ids, corrupt_ids)
     g = _geometry(model, adapter)
     chosen = _layers(layers, at, g)
@@ -473,14 +469,14 @@ def patch(model, tokenizer, adapter: Adapter, clean, corrupt, *, at: str = "resi
         if not isinstance(answers, (list, tuple)) or len(answers) != 2:
             raise PatchingError(f"answers must be a pair (clean_token, corrupt_token), not {answers!r}.")
         answers = (_answer(tokenizer, answers[0], vocab, "clean"), _answer(tokenizer, answers[1], vocab, "corrupt"))
-    cost = _cost(model, adapter, at, chosen, len(clean_ids), batch_size, g)
+    cost = _cost(model, adapter, at, chosen, len(clean_ids), batch_size, g, all_positions=full)
     if dry_run:
         return cost
     _check_budget(model, adapter, cost, budget, layers, g)
 
-    clean_logits, cache = clean_cache(model, adapter, at, chosen, clean_ids)
+    clean_logits, cache = clean_cache(model, adapter, at, chosen, clean_ids, all_positions=full)
     with torch.no_grad():
-        corrupt_logits = _last_logits(model, torch.tensor([corrupt_ids], device=input_device(model)))[0]
+        corrupt_logits = _last_logits(model, torch.tensor([corrupt_ids], device=input_device(model)), full)[0]
     if metric is None:
         if answers is None:
             answers = (int(clean_logits.argmax()), int(corrupt_logits.argmax()))
@@ -494,15 +490,16 @@ def patch(model, tokenizer, adapter: Adapter, clean, corrupt, *, at: str = "resi
         def measure(logits: torch.Tensor) -> torch.Tensor:
             return logits[..., a] - logits[..., b]
     else:
-        def measure(logits: torch.Tensor) -> torch.Tensor:
-            return torch.tensor([_number(metric(row)) for row in logits.reshape(-1, logits.shape[-1])])
+        def measure(logits: torch.Tensor) -> torch.Tensor:  # [tokens, vocab] (one run) or [runs, tokens, vocab]
+            runs = logits[None] if logits.dim() == 2 else logits
+            return torch.tensor([_number(metric(run)) for run in runs])
 
     sites = [(layer, i) for layer in chosen for i in range(cost.per_layer)]
     scores = torch.empty(len(sites))
     for start in range(0, len(sites), batch_size):
         batch = sites[start:start + batch_size]
         scores[start:start + len(batch)] = measure(patched_logits(model, adapter, at, corrupt_ids, cache,
-                                                                  [[s] for s in batch])).cpu()
+                                                                  [[s] for s in batch], all_positions=full)).cpu()
     labels = (_strings(tokenizer, clean_ids) if at in POSITIONAL else
               [f"head {h}" for h in range(g["heads"])] if at == "attention_heads" else
               [f"expert {e}" for e in range(g["experts"])])

@@ -23,6 +23,7 @@ import math
 import torch
 
 from workbench.chat import harmony as chat
+from workbench.chat import inputs as input_rule
 from workbench.errors import InterventionError
 from workbench.intervene.interventions import Intervention
 
@@ -126,20 +127,25 @@ class steer(Intervention):
 
 
 def steering_vector(session, positive, negative, layer: int, *, position: str = "last") -> torch.Tensor:
-    """Mean difference of the residual stream after `layer` between `positive` and `negative` prompts
-    (strings, chat messages or token ids): at each prompt's last token (position="last") or averaged over
-    its tokens (position="mean"). float32, shape (hidden,)."""
+    """Mean difference of the residual stream after `layer` between `positive` and `negative` inputs (one or a list
+    of: raw text, wb.user(text) chat turns, chat messages, Generations or token ids; the input rule of
+    workbench.chat.inputs): at each input's last token (position="last") or averaged over its tokens
+    (position="mean"). float32, shape (hidden,). To steer chat answers, build it from chat turns (wb.user), so the
+    vector is measured where it will be applied."""
     if position not in ("last", "mean"):
         raise InterventionError(f"position={position!r}: choose 'last' or 'mean'.")
-    positive = [positive] if isinstance(positive, str) else list(positive)
-    negative = [negative] if isinstance(negative, str) else list(negative)
-    if not positive or not negative:
-        raise InterventionError("steering_vector needs at least one positive and one negative prompt.")
+    def inputs(x, name: str) -> list:
+        if isinstance(x, (list, tuple)) and not x:
+            raise InterventionError(f"steering_vector needs at least one {name} input; {name} is an empty list.")
+        return input_rule.items(x, error=InterventionError, where=f"steering_vector's {name} inputs")[1]
+
+    positive, negative = inputs(positive, "positive"), inputs(negative, "negative")
 
     def mean(prompts) -> torch.Tensor:
         rows = []
         for p in prompts:
-            r = session.trace(p, what=["residuals"], layers=[layer], dtype=torch.float32).residual(layer)
+            point = f"blocks.{layer}.resid_post"
+            r = session.trace(p, what=[point], dtype=torch.float32)[point]
             rows.append(r[-1] if position == "last" else r.mean(0))
         return torch.stack(rows).mean(0)
 
