@@ -22,6 +22,10 @@ def session(name: str) -> wb.Session:
             _sessions[name] = wb.load(str(fixtures.nano_path()), preset="bf16")
         elif name == "nano-mxfp4":
             _sessions[name] = wb.load(str(fixtures.nano_path("mxfp4")), preset="mxfp4")
+        elif name in ("nano-int8", "nano-nf4"):  # bitsandbytes quantizes the Linear layers; experts are tensors
+            _sessions[name] = wb.load(str(fixtures.nano_path()), preset=name.split("-")[1])
+        elif name == "mixtral-nf4":
+            _sessions[name] = wb.load(str(fixtures.tiny_checkpoint("mixtral")), preset="nf4")
         elif name == "smollm2":
             _sessions[name] = wb.load(str(fixtures.smollm2_path()))
         else:
@@ -89,11 +93,18 @@ def test_points_equal_plain_hooks_and_change_nothing(name):
     assert torch.equal(t["blocks.1.resid_mid"] + t["blocks.1.mlp.out"], t["blocks.1.resid_post"])
 
 
-@pytest.mark.parametrize("name", ["nano", "mixtral", "qwen3_moe", "olmoe", "nano-mxfp4"])
+@pytest.mark.parametrize("name", ["nano", "mixtral", "qwen3_moe", "olmoe", "nano-mxfp4", "nano-int8", "nano-nf4",
+                                  "mixtral-nf4"])
 def test_expert_points_recompose_the_mlp_output_exactly(name):
     """Each expert's rows are its routed tokens; their outputs, weighted as the router applied and summed in the
-    model's slot order, equal the MLP output bit for bit; `in` is the normed stream at those positions."""
+    model's slot order, equal the MLP output bit for bit; `in` is the normed stream at those positions.
+    Under int8/nf4, bitsandbytes quantizes the Linear layers (attention) and leaves the experts' 3-D weight tensors
+    in bf16: the expert points read those, with the quantized attention before them."""
     s = session(name)
+    if name.endswith(("int8", "nf4")):
+        assert s.report.actual_quantization == f"bnb-{name.split('-')[1]}"
+        assert set(s.report.dtypes_by_group["experts"]) == {"bfloat16"}
+        assert set(s.report.dtypes_by_group["attention"]) - {"bfloat16", "float32"}  # quantized weights (+ bf16 biases)
     x = ids_of(s)
     base = logits(s, x)
     E = s.adapter.num_experts(s.model.config)
