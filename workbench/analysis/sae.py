@@ -116,6 +116,11 @@ class SAE:
             raise SAEError(f"a TopK SAE needs k between 1 and d_sae={d_sae}; its config says k={self.k!r}.")
 
     @property
+    def point(self) -> str:
+        """The workbench hook point it reads, `blocks.{layer}.resid_post`: `t[sae.point]` of a trace of that point."""
+        return f"blocks.{self.layer}.resid_post"
+
+    @property
     def d_in(self) -> int:
         return self.W_enc.shape[0]
 
