@@ -2,6 +2,9 @@
 
 The layers below know nothing of the Session (model → chat → inspect → intervene → analysis → views → ui);
 it only wires them together, and holds the one lock that keeps a generation and a capture from overlapping.
+
+Why one module of about 440 lines: the facade has one short method per thing a user does, with its signature and
+docstring (Shift-Tab shows them); its length is the breadth of the API, each method only wires a layer below.
 """
 from __future__ import annotations
 

@@ -29,6 +29,10 @@ and `steer` adds to. Names mapped to that layer: `blocks.L.hook_resid_post` and 
 `blocks.L.hook_resid_pre` (L - 1: the same tensor, one layer earlier), `resid_post_layer_L` (andyrdt's
 folder names). Anything else (attention or MLP outputs, hook_z) raises SAEError; `load_sae(folder, layer=L)`
 names the layer by hand.
+
+Why one module of about 420 lines: one SAE type with the four file formats it loads from (SAELens, andyrdt's
+dictionary_learning, the workbench's own, a state dict) and what it does on a trace (encode, decode, steer): a format
+lives next to the fields it fills.
 """
 from __future__ import annotations
 

@@ -5,6 +5,9 @@ ends with ``<|return|>`` (final answer) or ``<|call|>`` (tool call). Generation 
 ``<|start|>assistant``, so a completion's first header begins with ``<|channel|>`` directly.
 Other models get a plain parser that labels everything "final". `render(..., renderer="harmony")` renders with
 openai-harmony itself (workbench.chat.reference) instead of the template.
+
+Why one module of about 430 lines: rendering and parsing of one format, kept together so that they stay each other's
+inverse (tests/test_chat.py renders and parses back).
 """
 from __future__ import annotations
 

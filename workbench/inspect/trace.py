@@ -12,6 +12,9 @@ model has one), the causal mask (key j visible to query i iff j <= i), the slidi
 has one (and i - window < j, as transformers' masks do), padding, and the sink logit appended as an extra
 column and dropped after the softmax (gpt-oss). Patterns are computed in float32 in blocks of queries,
 so a sliding-window layer never materialises more than its band plus the answer.
+
+Why one module of about 570 lines: the Trace and BatchTrace types, their typed accessors and their file format: kept
+together so the on-disk format and what reads it change in one place.
 """
 from __future__ import annotations
 

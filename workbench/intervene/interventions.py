@@ -41,6 +41,9 @@ Heads: a forward pre-hook on the attention's `o_proj` zeroes the input slices
 Sinks: the attention module's `sinks` Parameter is replaced by a new Parameter holding
 `sinks * factor` and the original Parameter object itself is put back on exit (it is never written,
 so restoring is exact). Offloaded (meta) sinks are refused: accelerate would reload the original.
+
+Why one module of about 410 lines: the five interventions share one primitive (a transform of the router's logits
+inside the routed MLP) and one undo rule; each is a short class beside the others.
 """
 from __future__ import annotations
 

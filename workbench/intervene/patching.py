@@ -24,6 +24,9 @@ replaces it, given every position's logits (float32), so it can read any positio
 
 Batched and unbatched forwards may differ in the last bits (matrix products of other shapes): batch_size=1
 makes every patched forward the same shape as the clean and corrupt ones.
+
+Why one module of about 520 lines: the four site kinds share one clean-cache / patched-forward primitive, one cost
+model and one budget message; split apart, a change to one kind would have to be repeated in the others.
 """
 from __future__ import annotations
 

@@ -5,6 +5,9 @@ adapter group. Each preset then says which of those parameters its quantizer rea
 this architecture* — inspected on the skeleton, the way transformers would decide — and how many
 bytes everything takes. KV cache, activations and a stated margin are added, and the sum is compared
 with the free memory of the devices here.
+
+Why one module of about 400 lines: the memory plan of every preset on every family: one table of rules, read top to
+bottom.
 """
 from __future__ import annotations
 
