@@ -8,6 +8,10 @@ experts stay MXFP4, the rest bf16), and times, round by round in alternating ord
 - prefill: one forward over `--prefill` ids (the last position's logits);
 - decode: `--decode` greedy steps with the KV cache after that prompt.
 
+Two parts on the workbench alone, in the same run: the routing capture's cost on this fast path (a routing trace
+of the prefill ids against the same plain forward, interleaved; goal <= 1.05x), and the output matrix of a decode
+step (201,088 x 2,880: one token's logits) in bf16 against float32, torch's own matvec.
+
 The workbench runs in this process (`preset="mxfp4"`, the C++ kernel); llama.cpp in a worker process
 (benchmarks/llama_cpp_worker.py) started with the benchmark virtualenv's Python, where llama-cpp-python is built
 (`bash scripts/bench_engines_setup.sh`; never a test or CI dependency). The engines take turns and never run at the
@@ -37,6 +41,7 @@ import torch
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
+from bench_tracing import interleaved  # noqa: E402
 from random_gpt_oss import folder_bytes, gpt_oss_config, write_random_mxfp4  # noqa: E402
 from results_file import record  # noqa: E402
 
@@ -131,6 +136,34 @@ def llama_timed(worker: LlamaWorker, **msg) -> dict:
             "out": reply.get("tokens")}
 
 
+def capture_overhead(s, ids: list[int], reps: int) -> dict:
+    """A routing trace of `ids` against the plain forward it wraps (the same call, full logits), interleaved."""
+    from workbench.inspect.capture import trace
+
+    x = torch.tensor([ids])
+
+    def plain():
+        with torch.no_grad():
+            s.model(input_ids=x, use_cache=False)
+    return interleaved(plain, {"routing_trace": lambda: trace(s.model, None, s.adapter, x, what=["routing"])}, reps)
+
+
+def output_matrix(s, reps: int) -> dict:
+    """CPU ms of one token's logits through the unembedding (torch's matvec): bf16 as loaded vs float32."""
+    head = s.model.get_output_embeddings().weight
+    x = torch.randn(1, head.shape[1], generator=torch.Generator().manual_seed(0))
+    w32 = head.float()
+    out = {"shape": list(head.shape), "dtype": str(head.dtype)}
+    with torch.no_grad():
+        for name, (a, w) in {"bf16": (x.bfloat16(), head), "float32": (x, w32)}.items():
+            torch.nn.functional.linear(a, w)
+            out[f"{name}_ms"] = round(min(timed(lambda: torch.nn.functional.linear(a, w))["wall_s"]
+                                          for _ in range(reps)) * 1e3, 1)
+    out["bf16_gb_per_s"] = round(head.numel() * 2 / (out["bf16_ms"] / 1e3) / 1e9, 1)
+    del w32
+    return out
+
+
 def summary(runs: list[dict], tokens: int) -> dict:
     rates = [tokens / r["wall_s"] for r in runs]
     return {"tokens_per_s": [round(x, 3) for x in rates], "median_tokens_per_s": round(statistics.median(rates), 3),
@@ -144,6 +177,7 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--capture-reps", type=int, default=5)
     parser.add_argument("--llama-python", default=os.environ.get("LLAMA_PYTHON", "/root/bench-venv/bin/python"))
     parser.add_argument("--llama-src", type=pathlib.Path,
                         default=pathlib.Path(os.environ.get("LLAMA_SRC", "/root/llama/llama_cpp_python-0.3.36/vendor/llama.cpp")))
@@ -206,6 +240,12 @@ def main() -> None:
         result["greedy_tokens_equal_prefix"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
         log(f"workbench / llama.cpp: {result['ratio_workbench_over_llama_cpp']}; greedy tokens agree for the first "
             f"{result['greedy_tokens_equal_prefix']} of {args.decode}")
+        worker.close()  # idle from here: the workbench alone
+        result["routing_capture"] = capture_overhead(s, ids, args.capture_reps)
+        log(f"routing capture / plain forward on the fast path (CPU time): "
+            f"{result['routing_capture']['ratio_median_cpu']}")
+        result["output_matrix"] = output_matrix(s, 5)
+        log(f"output matrix: {result['output_matrix']}")
         del s
     except BaseException as e:
         result["stopped_by"] = repr(e)
