@@ -397,7 +397,13 @@ def export_heldout(build: pathlib.Path, fixture_dir: pathlib.Path, test_rows: li
             "capital_questions": [{"question": trained.format(c=c), "answer": a} for c, a in build_data.CAPITALS],
             "capital_questions_unseen_phrasing": [{"question": unseen.format(c=c), "answer": a}
                                                   for c, a in build_data.CAPITALS],
-            "texts": texts}
+            "texts": texts,
+            # Tool and copy questions whose arguments (words, cities) never appear as arguments in training.
+            "tool_questions": [{"question": q["prompt"][0]["content"], "tools": q["tools"], "tool": q["tool"],
+                                "arguments": q["arguments"], "effort": q["effort"]}
+                               for q in held["questions"] if q["kind"] == "tool"],
+            "copy_questions": [{"question": q["prompt"][0]["content"], "answer": q["answer"], "effort": q["effort"]}
+                               for q in held["questions"] if q["kind"] == "copy"]}
     (fixture_dir / "heldout.json").write_text(json.dumps(data, indent=0) + "\n")
 
 
