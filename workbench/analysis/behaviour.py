@@ -4,6 +4,8 @@
     answers.accuracy(["42", ...])
     with s.ablate_experts({1: [3]}):                 # the same questions with an expert switched off
         off = behaviour.ask(s, questions)
+    calls = behaviour.call_tools(s, ["How many letters are in the word pear?"], tools=[word_length_tool])
+    calls.accuracy([("word_length", {"word": "pear"})])
 
 Interventions are contexts on the session, so whatever is active when `ask` runs acts on every answer. The batch
 runs through the model's own `generate` (left-padded, cached decode, greedy); each answer is cut at its first stop
@@ -12,6 +14,7 @@ one by one up to floating-point ties (tests/test_behaviour.py checks it on gpt-o
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -95,3 +98,63 @@ def ask(session, questions, *, reasoning_effort: str | None = "medium", max_new_
     parsed = [_parsed(tokenizer, ids, stops) for ids in completions]
     return Answers(questions=questions, finals=[p[0] for p in parsed], analyses=[p[1] for p in parsed],
                    form_ok=[p[2] for p in parsed], token_ids=completions)
+
+
+@dataclass
+class ToolCalls:
+    """Greedy tool calls (harmony): the function each answer calls (`to=functions.NAME`), its JSON arguments (None
+    when they do not parse), and whether the form is right (an analysis message, then one commentary call ending in
+    <|call|>)."""
+
+    questions: list[str]
+    functions: list[str | None]
+    arguments: list[dict | None]
+    form_ok: list[bool]
+    token_ids: list[list[int]] = field(repr=False)
+
+    def right(self, expected) -> list[bool]:
+        """Per question: the right form, function and arguments (expected: (function name, arguments dict) pairs)."""
+        expected = list(expected)
+        if len(expected) != len(self.functions):
+            raise WorkbenchError(f"{len(expected)} expected calls for {len(self.functions)} questions: give one each")
+        return [ok and f == name and a == args
+                for ok, f, a, (name, args) in zip(self.form_ok, self.functions, self.arguments, expected)]
+
+    def accuracy(self, expected) -> float:
+        r = self.right(expected)
+        return sum(r) / len(r) if r else float("nan")
+
+
+def call_tools(session, questions, tools, *, reasoning_effort: str | None = "medium", max_new_tokens: int = 96,
+               batch: int = 32) -> ToolCalls:
+    """Greedy answers to questions asked with tool definitions (one list for all, or one list per question), parsed
+    as tool calls. Harmony models only: other chat templates write calls in their own formats."""
+    if not session.harmony:
+        raise WorkbenchError("call_tools reads harmony tool calls (gpt-oss); this model does not use harmony.")
+    questions = list(questions)
+    if not questions or not all(isinstance(q, str) for q in questions):
+        raise WorkbenchError("call_tools takes a non-empty list of questions (strings: the user's turns)")
+    per_question = tools and all(isinstance(t, (list, tuple)) for t in tools)
+    tools = [list(t) for t in tools] if per_question else [list(tools)] * len(questions)
+    if len(tools) != len(questions):
+        raise WorkbenchError(f"{len(tools)} tool lists for {len(questions)} questions: give one list, or one each")
+    model, tokenizer = session.model, session.tokenizer
+    prompts = [session.render(q, reasoning_effort=reasoning_effort, tools=t) for q, t in zip(questions, tools)]
+    with session.exclusive("asking questions"):
+        completions = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch=batch)
+    call = tokenizer.convert_tokens_to_ids("<|call|>")
+    functions, arguments, form = [], [], []
+    for ids in completions:
+        p = chat_format.parse(tokenizer, ids)
+        messages = [(m["channel"], m.get("recipient")) for m in p.messages]
+        ok = (len(messages) == 2 and messages[0] == ("analysis", None) and messages[1][0] == "commentary"
+              and bool(messages[1][1]) and bool(ids) and ids[-1] == call)
+        recipient = messages[-1][1] if messages else None
+        functions.append(recipient.removeprefix("functions.") if recipient else None)
+        try:
+            arguments.append(json.loads(p.messages[-1]["content"]) if ok else None)
+        except ValueError:
+            arguments.append(None)
+        form.append(ok)
+    return ToolCalls(questions=questions, functions=functions, arguments=arguments, form_ok=form,
+                     token_ids=completions)
