@@ -106,6 +106,10 @@ def test_rendering_keywords_are_refused_where_a_string_is_raw_text(s):
     assert r.prompt_ids == s.render("hi", reasoning_effort="low")
     r = s.compare([{"role": "user", "content": "hi"}], {"nothing": []}, reasoning_effort="low", max_new_tokens=1)
     assert r.prompt_ids == s.render("hi", reasoning_effort="low")
+    r = s.compare(wb.user("hi"), {"nothing": []}, reasoning_effort="low", max_new_tokens=1)
+    assert r.prompt_ids == s.render("hi", reasoning_effort="low")
+    with pytest.raises(wb.ChatError, match="say it once"):
+        s.compare(wb.user("hi", reasoning_effort="high"), {"nothing": []}, reasoning_effort="low", max_new_tokens=1)
 
 
 def test_batch_shapes():

@@ -77,18 +77,18 @@ def is_generation(x) -> bool:
     return hasattr(x, "prompt_ids") and hasattr(x, "token_ids") and hasattr(x, "token_channels")
 
 
-def _is_ids(x) -> bool:
+def is_ids(x) -> bool:
     return isinstance(x, (list, tuple)) and bool(x) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
 
 
-def _is_messages(x) -> bool:
+def is_messages(x) -> bool:
     return isinstance(x, (list, tuple)) and bool(x) and all(isinstance(m, Mapping) for m in x)
 
 
 def is_batch(x) -> bool:
     """A list of inputs, as opposed to one input (a string, a Conversation, a Generation, one message list, one
     list of token ids)."""
-    return isinstance(x, (list, tuple)) and bool(x) and not _is_ids(x) and not _is_messages(x)
+    return isinstance(x, (list, tuple)) and bool(x) and not is_ids(x) and not is_messages(x)
 
 
 def items(x, *, error: type[Exception], where: str = "the input") -> tuple[bool, list]:
@@ -128,9 +128,9 @@ def token_ids(tokenizer, x, *, error: type[Exception], where: str = "the input",
             raise error(f"{where} is a tensor of shape {tuple(x.shape)}: give one sequence of token ids (shape [T] "
                         "or [1, T]); for several, a list of them where the tool takes a batch.")
         ids = x.reshape(-1).tolist()
-    elif _is_ids(x):
+    elif is_ids(x):
         ids = list(x)
-    elif _is_messages(x):
+    elif is_messages(x):
         ids = _render(tokenizer, list(x), {}, error, where)
     elif isinstance(x, Mapping):
         raise error(f"{where} is one message dict: wrap it in a list ([{{'role': 'user', 'content': ...}}]) or "
