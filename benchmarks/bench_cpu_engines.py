@@ -52,13 +52,18 @@ def log(*args) -> None:
     print(time.strftime("%H:%M:%S"), *args, flush=True)
 
 
-def write_model(folder: pathlib.Path, layers: int) -> None:
+TINY = dict(hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+            num_local_experts=4, num_experts_per_tok=2)  # --tiny: a pipeline check in a minute, not a measurement
+
+
+def write_model(folder: pathlib.Path, layers: int, tiny: bool = False) -> None:
     from transformers import GenerationConfig
 
     from workbench.fixtures import o200k
 
     config = gpt_oss_config("20b", num_hidden_layers=layers,
-                            layer_types=(["sliding_attention", "full_attention"] * layers)[:layers])
+                            layer_types=(["sliding_attention", "full_attention"] * layers)[:layers],
+                            **(TINY if tiny else {}))
     write_random_mxfp4(config, folder, seed=0, tokenizer=False)
     tok = o200k.o200k_harmony_tokenizer()  # the real vocabulary, so llama.cpp's converter recognises it
     tok.save_pretrained(folder)
@@ -185,9 +190,11 @@ def main() -> None:
     parser.add_argument("--folder", default="/tmp/workbench-cpu-engines")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="hidden 256, 4 experts: checks the pipeline, not recorded")
     args = parser.parse_args()
+    args.no_record = args.no_record or args.tiny
     torch.set_num_threads(args.threads)
-    folder = pathlib.Path(f"{args.folder}-{args.layers}l")
+    folder = pathlib.Path(f"{args.folder}-{args.layers}l{'-tiny' if args.tiny else ''}")
     gguf = folder.with_suffix(".gguf")
     result: dict = {
         "model": f"random full-width gpt-oss (gpt-oss-20b config) at {args.layers} layers, MXFP4 experts, seed 0",
@@ -199,7 +206,7 @@ def main() -> None:
     try:
         if not (folder / "model.safetensors.index.json").is_file():
             log(f"writing {folder}")
-            write_model(folder, args.layers)
+            write_model(folder, args.layers, args.tiny)
         result["checkpoint_bytes"] = folder_bytes(folder)
         if not gguf.is_file():
             log(f"converting to {gguf} with llama.cpp's converter")
