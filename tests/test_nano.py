@@ -121,32 +121,6 @@ def test_capitals_at_the_measured_accuracy(nano, measured, held):
     assert answers.accuracy([c["answer"] for c in caps]) >= _binomial_floor(p, len(caps))
 
 
-def test_tool_calls_at_the_measured_accuracy(nano, measured, held):
-    """Held-out tool questions (their words and cities never an argument in training), asked with their tools at
-    their effort: the right function with JSON arguments equal to the question's, at no less than three standard
-    deviations below the share evaluate.py measured on all of them."""
-    p = measured["harmony"]["tool_call_correct_share"]
-    questions = held["tool_questions"][:60]
-    right = []
-    for effort in ("low", "medium", "high"):
-        group = [q for q in questions if q["effort"] == effort]
-        calls = behaviour.call_tools(nano, [q["question"] for q in group], [q["tools"] for q in group],
-                                     reasoning_effort=effort)
-        right += calls.right([(q["tool"], q["arguments"]) for q in group])
-    assert sum(right) / len(right) >= _binomial_floor(p, len(right))
-
-
-def test_copies_held_out_words_at_the_measured_accuracy(nano, measured, held):
-    p = measured["harmony"]["by_kind"]["copy"]["correct"]
-    questions = held["copy_questions"][:48]
-    right = []
-    for effort in ("low", "medium", "high"):
-        group = [q for q in questions if q["effort"] == effort]
-        answers = behaviour.ask(nano, [q["question"] for q in group], reasoning_effort=effort)
-        right += answers.right([q["answer"] for q in group])
-    assert sum(right) / len(right) >= _binomial_floor(p, len(right))
-
-
 def test_measured_targets_are_recorded_with_their_goals(measured, held):
     """What evaluate.py measured for each target is in eval.json, on the question counts the card states."""
     t, h = measured["targets"], measured["harmony"]

@@ -11,18 +11,16 @@ Kinds and sources (licences recorded in MODEL_CARD.md):
   prose      Python 3.11 documentation (Debian python3-doc, HTML stripped of markup; PSF-2.0)
              and the licence texts in /usr/share/common-licenses (verbatim copying permitted)
   code       Python 3.11 standard library source (PSF-2.0), tests excluded
-  arith, dates, lists, facts, tool, copy
+  arith, dates, lists, facts, tool
              generated here: harmony conversations rendered with the harmony chat template of
              workbench.fixtures.tokenizer, under all three reasoning efforts; `tool` has calls on the
-             commentary channel with a recipient, a JSON tool result and a final answer; `copy` repeats words.
+             commentary channel with a recipient, a JSON tool result and a final answer.
 Held out: 5% of the prose and code files; 10% of all a+b pairs (a, b in 0..99, always including 23+19),
-which never appear in training; held-out dates; a tenth of the argument words (tool arguments, list items,
-copied words), never an argument in training; one unseen phrasing of facts.
+which never appear in training; held-out dates, lists and tool arguments; one unseen phrasing of facts.
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime
 import html.parser
 import json
@@ -39,11 +37,11 @@ sys.path.insert(0, str(ROOT))
 DEFAULT_OUT = pathlib.Path(os.environ.get("NANO_BUILD") or pathlib.Path.home() / ".cache" / "gpt-oss-workbench" / "nano-build")
 PY_DOC_DIRS = ("/usr/share/doc/python3.11/html", "/usr/share/doc/python3-doc/html", "/usr/share/doc/python3-dev/html")
 LICENSES_DIR = "/usr/share/common-licenses"
-SYNTHETIC_KINDS = ("arith", "dates", "lists", "facts", "tool", "copy")
+SYNTHETIC_KINDS = ("arith", "dates", "lists", "facts", "tool")
 EFFORTS = ("low", "medium", "high")
 # Conversations generated for training, per kind (≈ 130 tokens each).
-N_TRAIN = {"arith": 60000, "dates": 8000, "lists": 8000, "facts": 12000, "tool": 24000, "copy": 16000}
-N_TEST = {"arith": 300, "dates": 100, "lists": 100, "facts": 100, "tool": 150, "copy": 100}
+N_TRAIN = {"arith": 60000, "dates": 8000, "lists": 8000, "facts": 12000, "tool": 16000}
+N_TEST = {"arith": 300, "dates": 100, "lists": 100, "facts": 100, "tool": 100}
 
 
 # ---- offline text -----------------------------------------------------------------------------
@@ -135,18 +133,6 @@ def code_files() -> list[tuple[str, str]]:
     return out
 
 
-def word_pool(prose: list[tuple[str, str]], seed: int) -> tuple[list[str], list[str]]:
-    """The words tool arguments, list items and copies are drawn from: every lowercase word of 3-10 letters
-    seen at least 5 times in the prose (thousands), split 90/10 (seeded) into train and test. nano v2 drew them
-    from 36 fixed words and 60 capitals, each seen hundreds of times with its question, and learned to guess a
-    likely one instead of copying it from the question (3% right); with thousands, copying is the only way."""
-    counts = collections.Counter(w for _, text in prose for w in re.findall(r"\b[a-z]{3,10}\b", text))
-    words = sorted(w for w, c in counts.items() if c >= 5)
-    random.Random(seed * 1000 + 2).shuffle(words)
-    n_test = len(words) // 10
-    return sorted(words[n_test:]), sorted(words[:n_test])
-
-
 # ---- synthetic conversations ------------------------------------------------------------------
 
 CAPITALS = [
@@ -171,7 +157,9 @@ FACT_TEMPLATES_TRAIN = ("What is the capital of {c}?", "Which city is the capita
 FACT_TEMPLATE_TEST = "Tell me the capital of {c}."
 ARITH_TEMPLATES = ("What is {a} + {b}?", "Compute {a} + {b}.", "What is the sum of {a} and {b}?",
                    "{a} + {b} = ?", "Add {a} and {b}.", "Calculate {a} + {b}.")
-COPY_TEMPLATES = ("Repeat these words: {w}", "Say these words back: {w}", "Copy exactly: {w}")
+WORDS = ("apple", "pear", "fig", "plum", "grape", "lemon", "melon", "cherry", "peach", "mango", "kiwi", "lime",
+         "red", "blue", "green", "black", "white", "yellow", "cat", "dog", "bird", "fish", "horse", "mouse",
+         "tree", "river", "stone", "cloud", "book", "chair", "table", "lamp", "door", "window", "road", "bridge")
 CONDITIONS = ("sunny", "cloudy", "rainy", "windy", "snowy", "foggy")
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
@@ -232,17 +220,8 @@ def _days_in_month(d: datetime.date) -> int:
 class Synth:
     """Seeded generators of one conversation (messages, tools, effort, expected final answer) per kind."""
 
-    def __init__(self, rng: random.Random, split: str, held_sums: set[tuple[int, int]], words: list[str]):
-        self.rng, self.split, self.held, self.words = rng, split, held_sums, words
-
-    def word(self) -> str:
-        return self.rng.choice(self.words)
-
-    def city(self) -> str:
-        """A real capital (a third of training questions) or a pool word as a city name; held out: pool only."""
-        if self.split == "train" and self.rng.random() < 1 / 3:
-            return self.rng.choice(CAPITALS)[1]
-        return self.word().capitalize()
+    def __init__(self, rng: random.Random, split: str, held_sums: set[tuple[int, int]]):
+        self.rng, self.split, self.held = rng, split, held_sums
 
     def effort(self) -> str:
         return self.rng.choice(EFFORTS)
@@ -319,7 +298,7 @@ class Synth:
                 if effort != "low":
                     t = f"Going through {shown}, the largest so far ends at {ans}. " + t
         else:
-            ws = [self.word() for _ in range(self.rng.randrange(2, 8))]
+            ws = [self.rng.choice(WORDS) for _ in range(self.rng.randrange(2, 8))]
             shown = ", ".join(ws)
             if task == "count":
                 ans = str(len(ws))
@@ -350,12 +329,10 @@ class Synth:
         effort, name = self.effort(), self.rng.choice(tuple(TOOLS))
         tools = [TOOLS[name]] + [TOOLS[n] for n in TOOLS if n != name and self.rng.random() < 0.5]
         self.rng.shuffle(tools)
-        test = self.split == "test"
         if name == "get_weather":
-            city = self.city()
+            _, city = self.rng.choice(CAPITALS)
             args = {"city": city}
-            templates = ("What is the weather in {x}?", "How is the weather in {x} right now?", "{x}: what is the weather there?")
-            q = (templates[0] if test else self.rng.choice(templates)).format(x=city)
+            q = self.rng.choice(("What is the weather in {x}?", "How is the weather in {x} right now?")).format(x=city)
             temp, cond = self.rng.randrange(-10, 36), self.rng.choice(CONDITIONS)
             result = {"city": city, "temperature_c": temp, "condition": cond}
             answer = f"It is {cond} in {city}, {temp} degrees Celsius."
@@ -363,16 +340,14 @@ class Synth:
         elif name == "multiply":
             a, b = self.rng.randrange(10, 1000), self.rng.randrange(10, 100)
             args = {"a": a, "b": b}
-            templates = ("What is {a} times {b}?", "Multiply {a} by {b}.")
-            q = (templates[0] if test else self.rng.choice(templates)).format(a=a, b=b)
+            q = self.rng.choice(("What is {a} times {b}?", "Multiply {a} by {b}.")).format(a=a, b=b)
             result = {"result": a * b}
             answer = str(a * b)
             think2 = f"The tool returned {a * b}."
         else:
-            w = self.word()
+            w = self.rng.choice(WORDS)
             args = {"word": w}
-            templates = ("How many letters are in the word {w}?", "Count the letters of {w}.")
-            q = (templates[0] if test else self.rng.choice(templates)).format(w=w)
+            q = f"How many letters are in the word {w}?"
             result = {"word": w, "length": len(w)}
             answer = f"The word {w} has {len(w)} letters."
             think2 = f"The tool says {len(w)}."
@@ -386,20 +361,6 @@ class Synth:
                     {"role": "assistant", "content": answer, "thinking": think2}]
         return dict(kind="tool", effort=effort, tools=tools, messages=messages, answer=answer, tool=name,
                     arguments=args)
-
-    def copy(self) -> dict:
-        """Repeat 1-6 words (a third capitalised): the induction copy that tool arguments and lists need,
-        trained directly."""
-        effort, ws = self.effort(), [self.word() for _ in range(self.rng.randrange(1, 7))]
-        if self.rng.random() < 1 / 3:
-            ws = [w.capitalize() for w in ws]
-        shown = " ".join(ws)
-        template = COPY_TEMPLATES[0] if self.split == "test" else self.rng.choice(COPY_TEMPLATES)
-        n = f"{len(ws)} word{'s' if len(ws) > 1 else ''}"
-        t = {"low": f"Repeat {n}.", "medium": f"The user wants {n} repeated: {shown}.",
-             "high": f"The user wants {n} repeated exactly, in order. They are: {shown}. I write them back."}[effort]
-        task = "3-6 words" if len(ws) >= 3 else n
-        return self.convo(template.format(w=shown), t, shown, effort, "copy", task=task)
 
 
 def render_text(tokenizer, conv: dict, date: datetime.date) -> str:
@@ -421,10 +382,10 @@ def rendering_tokenizer():
     return tokenizer
 
 
-def synthetic(split: str, counts: dict[str, int], seed: int, tokenizer, words: list[str]) -> list[dict]:
+def synthetic(split: str, counts: dict[str, int], seed: int, tokenizer) -> list[dict]:
     held = heldout_sums(seed)
     rng = random.Random(f"{seed}-{split}")
-    synth = Synth(rng, split, held, words)
+    synth = Synth(rng, split, held)
     out = []
     for kind in SYNTHETIC_KINDS:
         for _ in range(counts[kind]):
@@ -454,9 +415,8 @@ def build(out: pathlib.Path, seed: int = 0) -> dict:
             (test if i in test_ids else train).append({"kind": kind, "name": name, "text": text})
         counts[kind] = {"files": len(files), "test_files": n_test,
                         "chars": sum(len(t) for _, t in files)}
-    train_words, test_words = word_pool(docs["prose"], seed)
-    syn_train = synthetic("train", N_TRAIN, seed, tokenizer, train_words)
-    syn_test = synthetic("test", N_TEST, seed, tokenizer, test_words)
+    syn_train = synthetic("train", N_TRAIN, seed, tokenizer)
+    syn_test = synthetic("test", N_TEST, seed, tokenizer)
     for c in syn_train:
         train.append({"kind": c["kind"], "text": c["text"]})
     for c in syn_test:
@@ -476,8 +436,7 @@ def build(out: pathlib.Path, seed: int = 0) -> dict:
                                                   "heldout_sums": sorted(heldout_sums(seed))}, indent=1))
     manifest = {"seed": seed, "counts": counts, "python_doc_dir": str(python_doc_dir()),
                 "stdlib": sysconfig.get_paths()["stdlib"], "python": sys.version.split()[0],
-                "train_docs": len(train), "test_docs": len(test),
-                "argument_words": {"train": len(train_words), "test": len(test_words)}}
+                "train_docs": len(train), "test_docs": len(test)}
     (out / "data_manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
