@@ -85,8 +85,9 @@ def convert(folder: pathlib.Path, gguf: pathlib.Path, llama_src: pathlib.Path) -
 
 class LlamaWorker:
     def __init__(self, python: str):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}  # llama.cpp as it runs by default
         self.proc = subprocess.Popen([python, str(HERE / "llama_cpp_worker.py")], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, text=True, env=env)
 
     def ask(self, **msg) -> dict:
         self.proc.stdin.write(json.dumps(msg) + "\n")

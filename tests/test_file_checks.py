@@ -129,6 +129,30 @@ def test_an_intact_copy_loads_and_the_report_says_what_was_checked(nano_copy):
     assert "not checked (check_weights=False)" in str(skipped)
 
 
+def test_giving_back_the_scanned_embedding_pages_loses_nothing(tmp_path, tiny_checkpoint):
+    """The scan hands the input embedding's pages back to the kernel (a forward reads only its rows): values in
+    anonymous memory and in a memory-mapped file read back unchanged, and a checked load computes what an unchecked
+    one does, bit for bit."""
+    from workbench.model import integrity
+
+    anonymous = torch.randn(512, 1024)
+    before = anonymous.clone()
+    integrity._page_out(anonymous)
+    assert torch.equal(anonymous, before)
+    path = tmp_path / "table.bin"
+    path.write_bytes(before.numpy().tobytes())
+    mapped = torch.from_file(str(path), shared=False, size=before.numel(), dtype=torch.float32).view_as(before)
+    assert torch.equal(mapped, before)
+    integrity._page_out(mapped)
+    assert torch.equal(mapped, before)
+    folder = str(tiny_checkpoint("gpt_oss"))
+    checked, unchecked = wb.load(folder, preset="cpu"), wb.load(folder, preset="cpu", check_weights=False)
+    assert integrity._lookup_only_table(checked.model) is checked.model.get_input_embeddings().weight  # untied here
+    ids = torch.tensor([[1, 5, 9, 200, 3]])
+    with torch.no_grad():
+        assert torch.equal(checked.model(input_ids=ids).logits, unchecked.model(input_ids=ids).logits)
+
+
 def test_a_nan_scale_in_packed_mxfp4_experts_is_refused(tmp_path):
     # Packed MXFP4 expert bytes are all valid numbers; their E8M0 scales have one NaN code, 0xFF.
     folder = tmp_path / "nano-mxfp4"

@@ -176,6 +176,7 @@ def scan(model: torch.nn.Module, where: dict[str, Path], source: Any, check: Wei
     bad: list[tuple[str, int, int]] = []  # (name, bad values, values)
     seen: set[int] = set()
     opened: dict[Path, Any] = {}
+    lookup_only = _lookup_only_table(model)
     for name, t in _stored_tensors(model):
         if id(t) in seen:  # tied weights once
             continue
@@ -197,10 +198,43 @@ def scan(model: torch.nn.Module, where: dict[str, Path], source: Any, check: Wei
             nonfinite = 0 if _all_finite(t) else _count_nonfinite(t)
         check.tensors += 1
         check.values += t.numel()
+        if lookup_only is not None and t.data_ptr() == lookup_only.data_ptr() and t.shape == lookup_only.shape:
+            _page_out(t)
         if nonfinite:
             bad.append((name, nonfinite, t.numel()))
     if bad:
         raise WeightsFileError(_damage_message(bad, where, source))
+
+
+def _lookup_only_table(model: torch.nn.Module) -> torch.Tensor | None:
+    """The input embedding's weight when nothing else reads it: a forward reads only its tokens' rows of it."""
+    try:
+        table = model.get_input_embeddings().weight
+        output = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return None if output is not None and getattr(output, "weight", None) is table else table
+
+
+def _page_out(t: torch.Tensor) -> None:
+    """Hand back to the kernel the pages the scan read of a memory-mapped tensor a forward reads only rows of (the
+    input embedding: 1.16 GB of gpt-oss-20b would otherwise stay resident, measured, for rows no prompt uses).
+    madvise(MADV_PAGEOUT) reclaims clean file pages, which are read again from the page cache or the file when
+    needed, and leaves memory that cannot be reclaimed (a copy in RAM without swap) where it is: nothing is lost.
+    Linux 5.4+; elsewhere, or on any error, it does nothing."""
+    import ctypes
+    import mmap
+    import sys
+
+    if t.device.type != "cpu" or not sys.platform.startswith("linux") or t.numel() == 0:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+        end = t.data_ptr() + t.numel() * t.element_size()
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 21)  # 21 = MADV_PAGEOUT
+    except (OSError, AttributeError):
+        pass
 
 
 def _stored_tensors(model: torch.nn.Module):
