@@ -222,10 +222,13 @@ def test_bad_input_says_what_to_do(gpt_oss, tmp_path):
     with pytest.raises(SAEError, match="d_in=32"):
         gpt_oss.steer_feature(wide, 0, 1.0)
     sae = tiny_sae(tmp_path)
-    with pytest.raises(SAEError, match="trace with what=\\['residuals'\\]"):
+    with pytest.raises(SAEError, match="trace with what=\\['blocks.1.resid_post'\\]"):
         gpt_oss.trace(TEXT, what=["routing"]).features(sae)
-    with pytest.raises(SAEError, match="layers=\\[1\\]"):
+    with pytest.raises(SAEError, match="trace with what=\\['blocks.1.resid_post'\\].*residuals has layers 0"):
         gpt_oss.trace(TEXT, what=["residuals"], layers=[0]).features(sae)
+    by_point = gpt_oss.trace(TEXT, what=[sae.point]).features(sae)   # the point and the group read the same tensor
+    by_group = gpt_oss.trace(TEXT, what=["residuals"], layers=[1]).features(sae)
+    assert torch.equal(by_point.indices, by_group.indices) and torch.equal(by_point.values, by_group.values)
     with pytest.raises(SAEError, match="features 0..95"):
         gpt_oss.steer_feature(sae, 96, 1.0)
     with pytest.raises(SAEError, match="amount"):

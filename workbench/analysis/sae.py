@@ -398,7 +398,7 @@ class Features:
 def features(trace, sae: SAE, k: int = 5) -> Features:
     """Encode the residual after `sae.layer` at every token of `trace` and keep the top k features per token.
 
-    The trace must hold that layer's residuals: `s.trace(text, what=["residuals"], layers=[sae.layer])`. For exact
+    The trace must hold that layer's residuals: `s.trace(text, what=[sae.point])`. For exact
     numbers trace with dtype=torch.float32 (the default stores residuals in 16 bits).
     """
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= sae.d_sae:
@@ -407,7 +407,7 @@ def features(trace, sae: SAE, k: int = 5) -> Features:
         x = trace.residual(sae.layer)
     except CaptureError as e:
         raise SAEError(f"this SAE reads the residual stream after layer {sae.layer} ({sae.hook_name}): trace with "
-                       f"what=['residuals'], layers=[{sae.layer}] ({e})") from None
+                       f"what=[{sae.point!r}] ({e})") from None
     sae._check_width(x)
     indices, values = [], []
     for a in range(0, x.shape[0], _ENCODE_CHUNK):

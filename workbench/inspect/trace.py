@@ -357,14 +357,21 @@ class Trace:
 
     # ---- residuals and logit lens ---------------------------------------------------------------------
     def residual(self, layer: int) -> torch.Tensor:
-        """[tokens, hidden]: the residual stream after decoder layer `layer`."""
-        if "residuals" not in self.meta["what"]:
-            raise CaptureError("residuals were not captured: trace with what=(..., 'residuals').")
-        if "residuals" not in self.meta["what"]:
-            raise CaptureError("residuals were not captured: trace with what=(..., 'residuals').")
-        layer = resolve_index(layer, self.meta["layers"], "layer", "this trace's residuals", CaptureError,
-                              count=self.meta["num_layers"])
-        return self._t[f"residual.{layer}"]
+        """[tokens, hidden]: the residual stream after decoder layer `layer`, t[f"blocks.{layer}.resid_post"], recorded
+        by that point or by the group "residuals"."""
+        if "residuals" in self.meta["what"]:
+            layers = self.meta["layers"]
+            if isinstance(layer, int) and not isinstance(layer, bool) and \
+                    f"point:blocks.{layer % max(self.meta['num_layers'], 1)}.resid_post" in self._t:
+                return self[f"blocks.{layer}.resid_post"]
+            layer = resolve_index(layer, layers, "layer", "this trace's residuals", CaptureError,
+                                  count=self.meta["num_layers"])
+            return self._t[f"residual.{layer}"]
+        try:
+            return self[f"blocks.{layer}.resid_post"]
+        except CaptureError:
+            raise CaptureError(f"the residual stream after layer {layer} was not captured: trace with "
+                               f"what=['blocks.{layer}.resid_post'] (or the group 'residuals').") from None
 
     def lens_logits(self, layer: int, model=None, positions: range | None = None) -> torch.Tensor:
         """[tokens, vocab] float32: the model's final norm and lm_head applied to residual(layer), for
