@@ -36,7 +36,7 @@ def _block_with(marker: str) -> str:
 
 def test_batches_steering_hooks_section_runs_as_written():
     namespace = {}
-    exec(compile(_block_with("s.steering_vector("), "README batches/steering section", "exec"), namespace)
+    exec(compile(_block_with("s.steering_vector([\"good good good\"]"), "README batches/steering section", "exec"), namespace)
     assert namespace["t"].provenance[0]["name"] == "steer" and len(namespace["batch"]) == 3
 
 

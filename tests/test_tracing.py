@@ -295,7 +295,7 @@ def test_logit_lens_and_residuals():
     assert (t16.lens_logits(-1) - logits(model, x)[0]).abs().max() < 1e-2
     lens = t.logit_lens(1, k=3)
     assert lens.ids.shape == (10, 3) and (lens.probs[:, :-1] >= lens.probs[:, 1:]).all()
-    with pytest.raises(CaptureError, match="residuals were not captured"):
+    with pytest.raises(CaptureError, match="residual stream after layer 0 was not captured"):
         trace(model, None, adapter, x, what=["routing"]).residual(0)
 
 

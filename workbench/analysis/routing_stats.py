@@ -291,6 +291,8 @@ def token_ids(tokenizer, item, text_key: str = "text") -> list[int]:
             raise RoutingStatsError(f"a corpus row has no {text_key!r} field (its keys: {', '.join(map(str, item))}): "
                                     "pass text_key= to name the text field.")
         item = item[text_key]
+    if isinstance(item, str) and not item:
+        return []  # an empty text in a corpus adds no tokens
     return input_rule.token_ids(tokenizer, item, error=RoutingStatsError, where="a corpus item")[0]
 
 
