@@ -172,6 +172,8 @@ def main() -> None:
         del tr, pattern
         log(f"attention trace 1024: {result['attention_trace_1024']}")
 
+        result["peak_rss_without_cache_bytes"] = peak_rss()  # everything above, before the expert cache fills
+        log(f"peak RSS so far (no expert cache): {format_bytes(result['peak_rss_without_cache_bytes'])}")
         cache = mxfp4_packed.set_expert_cache(s.model, args.cache)
         result["decode_with_cache"] = decode(s.model, ids[:, :16], args.decode_tokens)
         result["decode_with_cache"].update(budget=args.cache, hits=cache.hits, misses=cache.misses,
