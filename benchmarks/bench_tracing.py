@@ -171,10 +171,11 @@ def sizes_20b() -> dict:
     square = 24 * 64 * tokens * tokens * 4  # every head's full [T, T] float32 pattern
     causal = 24 * 64 * tokens * (tokens + 1) // 2 * 4  # only the causal lower triangle (the ~51 GB figure)
     return {"tokens": tokens, "attention_qk_bytes_bf16": size["attention"], "routing_bytes": size["routing"],
-            "trace_bytes": size["total"],
+            "trace_bytes": size["stored"],  # what the trace keeps; the budget also counts the forward's transient
+            "forward_transient_bytes": size["forward"],
             "residual_bytes_if_requested": trace_bytes(config, None, tokens, what=("residuals",))["residuals"],
             "fp32_patterns_square_bytes": square, "fp32_patterns_causal_triangle_bytes": causal,
-            "causal_patterns_over_trace": round(causal / size["total"], 1)}
+            "causal_patterns_over_trace": round(causal / size["stored"], 1)}
 
 
 def main() -> None:
