@@ -18,7 +18,9 @@
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
+import sys
 import warnings
 from typing import Iterable
 
@@ -304,10 +306,33 @@ def trace(model, tokenizer, adapter: Adapter, inputs, what=None, layers=None, he
     else:
         input_ids = torch.tensor([items[0][0]], dtype=torch.int64, device=device)
     cap.provenance = list(provenance or [])
-    with torch.no_grad(), cap:
-        model(input_ids=input_ids, use_cache=False, **kwargs)
-    channels = [c for _, c in items] if batch else items[0][1]
-    return cap.trace(tokenizer, channels=channels, preset=preset)
+    try:
+        with torch.no_grad(), cap:
+            model(input_ids=input_ids, use_cache=False, **kwargs)
+        channels = [c for _, c in items] if batch else items[0][1]
+        return cap.trace(tokenizer, channels=channels, preset=preset)
+    finally:
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Return the forward's freed temporaries to the system (glibc's malloc_trim), so the next large request starts
+    from what is really in use: measured on the full-size gpt-oss-20b, the allocator otherwise kept ~0.6 GB of a
+    prefill's and a trace's freed activations resident, and the next trace's peak came on top of it. Elsewhere
+    (another libc, another OS) nothing happens."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        _malloc_trim = False
+        if sys.platform.startswith("linux"):
+            try:
+                _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+            except (OSError, AttributeError):
+                pass
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def pad_right(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
