@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import sys
 import warnings
@@ -320,19 +321,19 @@ def release_freed_memory() -> None:
     from what is really in use: measured on the full-size gpt-oss-20b, the allocator otherwise kept ~0.6 GB of a
     prefill's and a trace's freed activations resident, and the next trace's peak came on top of it. Elsewhere
     (another libc, another OS) nothing happens."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        _malloc_trim = False
-        if sys.platform.startswith("linux"):
-            try:
-                _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-            except (OSError, AttributeError):
-                pass
-    if _malloc_trim:
-        _malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_malloc_trim = None
+@functools.cache
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def pad_right(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -114,10 +114,8 @@ RENDER_KEYWORDS = ("reasoning_effort", "system", "developer", "tools", "renderer
 
 def _prompt_ids(session, prompt, rendering: dict) -> list[int]:
     """The prompt's token ids by the input rule; rendering keywords only where there is a conversation to render."""
-    if isinstance(prompt, input_rule.Conversation):
-        return session.render(prompt, **rendering)  # keywords may add to the turn's own options, not contradict them
-    if input_rule.is_messages(prompt):
-        return session.render(list(prompt), **rendering)
+    if isinstance(prompt, input_rule.Conversation) or input_rule.is_messages(prompt):
+        return session.render(prompt, **rendering)  # keywords may add to a wb.user turn's options, not contradict them
     if rendering:
         said = ", ".join(f"{k}={v!r}" for k, v in rendering.items())
         if isinstance(prompt, str):
