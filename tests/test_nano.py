@@ -121,6 +121,26 @@ def test_capitals_at_the_measured_accuracy(nano, measured, held):
     assert answers.accuracy([c["answer"] for c in caps]) >= _binomial_floor(p, len(caps))
 
 
+@pytest.mark.parametrize("phrasing", ["trained", "unseen"])
+def test_tool_calls_at_the_measured_accuracy(nano, measured, held, phrasing):
+    """Held-out tool questions asked with their tools, each at its own effort: the right function with JSON arguments
+    equal to the question's, at no less than three standard deviations below what evaluate.py measured (the
+    held-out mix for the trained phrasings; its own questions for the phrasings no training conversation uses)."""
+    if phrasing == "trained":
+        p, qs = measured["harmony"]["tool_call_correct_share"], held["tool_questions"]
+    else:
+        p, qs = (measured["targets"]["tool_calls_unseen_phrasing"]["correct"],
+                 held["tool_questions_unseen_phrasing"])
+    right = []
+    for effort in ("low", "medium", "high"):
+        group = [q for q in qs if q["effort"] == effort]
+        calls = behaviour.call_tools(nano, [q["question"] for q in group], [q["tools"] for q in group],
+                                     reasoning_effort=effort)
+        right += calls.right([(q["tool"], q["arguments"]) for q in group])
+    assert len(right) == len(qs) >= 90
+    assert sum(right) / len(right) >= _binomial_floor(p, len(right))
+
+
 def test_measured_targets_are_recorded_with_their_goals(measured, held):
     """What evaluate.py measured for each target is in eval.json, on the question counts the card states."""
     t, h = measured["targets"], measured["harmony"]
@@ -277,7 +297,7 @@ def test_an_older_nano_is_refused_by_version(copy_of_nano):
     manifest = json.loads((copy_of_nano / "MANIFEST.json").read_text())
     manifest.pop("nano_version")                    # version 1 wrote no version
     (copy_of_nano / "MANIFEST.json").write_text(json.dumps(manifest))
-    with pytest.raises(nano_module.NanoCheckpointError, match=r"version 1 .*expect version 2.*python scripts/nano/train\.py"):
+    with pytest.raises(nano_module.NanoCheckpointError, match=r"version 1 .*expect version 3.*python scripts/nano/train\.py"):
         nano_path(root=copy_of_nano)
 
 

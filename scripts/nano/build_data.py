@@ -160,6 +160,13 @@ ARITH_TEMPLATES = ("What is {a} + {b}?", "Compute {a} + {b}.", "What is the sum 
 WORDS = ("apple", "pear", "fig", "plum", "grape", "lemon", "melon", "cherry", "peach", "mango", "kiwi", "lime",
          "red", "blue", "green", "black", "white", "yellow", "cat", "dog", "bird", "fish", "horse", "mouse",
          "tree", "river", "stone", "cloud", "book", "chair", "table", "lamp", "door", "window", "road", "bridge")
+# Tool questions: the phrasings training uses, and one per tool that no training conversation uses (evaluation).
+TOOL_TEMPLATES = {"get_weather": ("What is the weather in {x}?", "How is the weather in {x} right now?"),
+                  "multiply": ("What is {a} times {b}?", "Multiply {a} by {b}."),
+                  "word_length": ("How many letters are in the word {x}?",)}
+TOOL_TEMPLATES_UNSEEN = {"get_weather": ("Tell me the weather in {x} today.",),
+                         "multiply": ("Compute {a} times {b}.",),
+                         "word_length": ("Count the letters of the word {x}.",)}
 CONDITIONS = ("sunny", "cloudy", "rainy", "windy", "snowy", "foggy")
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
@@ -325,42 +332,91 @@ class Synth:
             t = f"The user asks about {country}. " + t + f" So the answer is {capital}."
         return self.convo(template.format(c=country), t, capital, effort, "facts")
 
-    def tool(self) -> dict:
+    def tool(self, hops: bool = False, unseen_phrasing: bool = False) -> dict:
+        """A tool call. `hops`: the analysis names the argument right after the question and again right before the
+        call (each copy a short hop; phases 2-3); `unseen_phrasing`: the question in a phrasing no training
+        conversation uses (evaluation only). The defaults draw exactly what phase 1 (nano v2) trained on."""
         effort, name = self.effort(), self.rng.choice(tuple(TOOLS))
         tools = [TOOLS[name]] + [TOOLS[n] for n in TOOLS if n != name and self.rng.random() < 0.5]
         self.rng.shuffle(tools)
+        templates = TOOL_TEMPLATES_UNSEEN if unseen_phrasing else TOOL_TEMPLATES
         if name == "get_weather":
             _, city = self.rng.choice(CAPITALS)
             args = {"city": city}
-            q = self.rng.choice(("What is the weather in {x}?", "How is the weather in {x} right now?")).format(x=city)
+            q = self.rng.choice(templates[name]).format(x=city)
             temp, cond = self.rng.randrange(-10, 36), self.rng.choice(CONDITIONS)
             result = {"city": city, "temperature_c": temp, "condition": cond}
             answer = f"It is {cond} in {city}, {temp} degrees Celsius."
             think2 = f"The tool says {cond} and {temp} degrees."
+            head, tail = f"City: {city}.", f"I should call get_weather for {city}."
         elif name == "multiply":
             a, b = self.rng.randrange(10, 1000), self.rng.randrange(10, 100)
             args = {"a": a, "b": b}
-            q = self.rng.choice(("What is {a} times {b}?", "Multiply {a} by {b}.")).format(a=a, b=b)
+            q = self.rng.choice(templates[name]).format(a=a, b=b)
             result = {"result": a * b}
             answer = str(a * b)
             think2 = f"The tool returned {a * b}."
+            head, tail = f"Numbers: {a} and {b}.", f"I should call multiply with {a} and {b}."
         else:
             w = self.rng.choice(WORDS)
             args = {"word": w}
-            q = f"How many letters are in the word {w}?"
+            q = templates[name][0].format(x=w)  # one phrasing each: no draw (phase 1 drew none here)
             result = {"word": w, "length": len(w)}
             answer = f"The word {w} has {len(w)} letters."
             think2 = f"The tool says {len(w)}."
-        think1 = f"I should call {name}."
-        if effort != "low":
-            think1 = f"The user asks: {q} There is a tool for this. " + think1
+            head, tail = f"Word: {w}.", f"I should call word_length for {w}."
+        if hops:  # every copy of the argument within a few tokens of the one before it
+            think1 = head + " " + tail if effort == "low" else f"{head} The user asks: {q} There is a tool for this. {tail}"
+        else:
+            think1 = f"I should call {name}."
+            if effort != "low":
+                think1 = f"The user asks: {q} There is a tool for this. " + think1
         messages = [{"role": "user", "content": q},
                     {"role": "assistant", "content": None, "thinking": think1,
                      "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args}}]},
                     {"role": "tool", "content": json.dumps(result)},
                     {"role": "assistant", "content": answer, "thinking": think2}]
-        return dict(kind="tool", effort=effort, tools=tools, messages=messages, answer=answer, tool=name,
-                    arguments=args)
+        return dict(kind="tool_hops" if hops else "tool", effort=effort, tools=tools, messages=messages, answer=answer,
+                    tool=name, arguments=args)
+
+    def tool_hops(self) -> dict:
+        return self.tool(hops=True)
+
+
+# Kinds generated after the tokenizer is trained, for later training phases: their texts are not in the tokenizer's
+# corpus, so adding one leaves the tokenizer, the token ids and phase 1 exactly as they were.
+LATE_KINDS = ("tool_hops",)
+N_LATE_TRAIN = {"tool_hops": 16000}
+N_LATE_TEST = {"tool_hops": 100}
+
+
+def late_corpus(seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Train and test rows ({"kind", "text"}) of the late kinds, seeded."""
+    tokenizer = rendering_tokenizer()
+    splits = []
+    for split, counts in (("train", N_LATE_TRAIN), ("test", N_LATE_TEST)):
+        rng = random.Random(f"{seed}-late-{split}")
+        synth = Synth(rng, split, heldout_sums(seed))
+        rows = []
+        for kind in LATE_KINDS:
+            for _ in range(counts[kind]):
+                conv = getattr(synth, kind)()
+                date = DATE_LO + datetime.timedelta(days=rng.randrange(2400))
+                rows.append({"kind": kind, "text": render_text(tokenizer, conv, date)})
+        splits.append(rows)
+    return splits[0], splits[1]
+
+
+def unseen_tool_questions(seed: int = 0, n: int = 90) -> list[dict]:
+    """Tool questions in the phrasings no training conversation uses (TOOL_TEMPLATES_UNSEEN), for evaluate.py."""
+    synth = Synth(random.Random(f"{seed}-unseen-tools"), "test", heldout_sums(seed))
+    out = []
+    for _ in range(n):
+        c = synth.tool(unseen_phrasing=True)
+        out.append({"kind": "tool", "effort": c["effort"], "tools": c["tools"], "tool": c["tool"],
+                    "arguments": c["arguments"], "answer": c["answer"], "messages": c["messages"],
+                    "prompt": c["messages"][:1]})
+    return out
 
 
 def render_text(tokenizer, conv: dict, date: datetime.date) -> str:

@@ -265,14 +265,16 @@ def targeted_questions(seed: int) -> list[dict]:
         for effort in build_data.EFFORTS:
             qs.append({"kind": "facts", "effort": effort, "tools": None, "answer": capital,
                        "prompt": [{"role": "user", "content": build_data.FACT_TEMPLATES_TRAIN[0].format(c=country)}]})
-    return qs
+    return qs + build_data.unseen_tool_questions(seed)
 
 
 def targets(model, tokenizer, seed: int) -> dict:
     r = harmony_and_accuracy(model, tokenizer, targeted_questions(seed), max_new_tokens=120)
-    ar, fa = r["by_kind"]["arith"], r["by_kind"]["facts"]
+    ar, fa, to = r["by_kind"]["arith"], r["by_kind"]["facts"], r["by_kind"]["tool"]
     return {"heldout_sums": {"n": ar["n"], "by_effort": ar["by_effort"]},
             "capitals_trained_phrasing": {"n": fa["n"], "correct": fa["correct"], "by_effort": fa["by_effort"]},
+            "tool_calls_unseen_phrasing": {"n": to["n"], "correct": to["correct"], "form": to["form"],
+                                           "by_effort": to["by_effort"], "by_task": to["by_task"]},
             "harmony_form_share": r["harmony_form_share"], "generation_seconds": r["generation_seconds"],
             "arith_wrong_examples": r["examples"]["arith_wrong"]}
 
