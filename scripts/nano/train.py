@@ -1,6 +1,6 @@
 """gpt-oss-nano: build the data, the tokenizer and the model, train, export both layouts, evaluate.
 
-    python scripts/nano/train.py                 # every step, seeded (≈ 55 minutes on 2 CPU cores)
+    python scripts/nano/train.py                 # every step, seeded (≈ 80 minutes on 2 CPU cores, three phases)
     python scripts/nano/train.py --smoke         # a one-minute run into a scratch folder, to check the pipeline
     python scripts/nano/train.py --probe         # measure training throughput (tokens/s), nothing else
 
