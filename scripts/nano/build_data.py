@@ -164,6 +164,14 @@ WORDS = ("apple", "pear", "fig", "plum", "grape", "lemon", "melon", "cherry", "p
 TOOL_TEMPLATES = {"get_weather": ("What is the weather in {x}?", "How is the weather in {x} right now?"),
                   "multiply": ("What is {a} times {b}?", "Multiply {a} by {b}."),
                   "word_length": ("How many letters are in the word {x}?",)}
+# tool_hops (phases 2-3) asks in more phrasings, so the call follows the question's words, not one sentence.
+TOOL_TEMPLATES_HOPS = {"get_weather": TOOL_TEMPLATES["get_weather"] + ("Is it raining in {x}?", "Weather in {x}, please.",
+                                                                      "What's the forecast for {x}?"),
+                       "multiply": TOOL_TEMPLATES["multiply"] + ("What is {a} multiplied by {b}?", "Calculate {a} * {b}.",
+                                                                 "{a} x {b} = ?"),
+                       "word_length": TOOL_TEMPLATES["word_length"] + ("How long is the word {x}?",
+                                                                       "What is the length of the word {x}?",
+                                                                       "Number of letters in {x}?")}
 TOOL_TEMPLATES_UNSEEN = {"get_weather": ("Tell me the weather in {x} today.",),
                          "multiply": ("Compute {a} times {b}.",),
                          "word_length": ("Count the letters of the word {x}.",)}
@@ -339,7 +347,7 @@ class Synth:
         effort, name = self.effort(), self.rng.choice(tuple(TOOLS))
         tools = [TOOLS[name]] + [TOOLS[n] for n in TOOLS if n != name and self.rng.random() < 0.5]
         self.rng.shuffle(tools)
-        templates = TOOL_TEMPLATES_UNSEEN if unseen_phrasing else TOOL_TEMPLATES
+        templates = TOOL_TEMPLATES_UNSEEN if unseen_phrasing else TOOL_TEMPLATES_HOPS if hops else TOOL_TEMPLATES
         if name == "get_weather":
             _, city = self.rng.choice(CAPITALS)
             args = {"city": city}
@@ -349,6 +357,7 @@ class Synth:
             answer = f"It is {cond} in {city}, {temp} degrees Celsius."
             think2 = f"The tool says {cond} and {temp} degrees."
             head, tail = f"City: {city}.", f"I should call get_weather for {city}."
+            wants = f"The user wants the weather in {city}."
         elif name == "multiply":
             a, b = self.rng.randrange(10, 1000), self.rng.randrange(10, 100)
             args = {"a": a, "b": b}
@@ -357,16 +366,19 @@ class Synth:
             answer = str(a * b)
             think2 = f"The tool returned {a * b}."
             head, tail = f"Numbers: {a} and {b}.", f"I should call multiply with {a} and {b}."
+            wants = f"The user wants {a} times {b}."
         else:
             w = self.rng.choice(WORDS)
             args = {"word": w}
-            q = templates[name][0].format(x=w)  # one phrasing each: no draw (phase 1 drew none here)
+            # phase 1's one phrasing drew nothing here: keep it so (its corpus is unchanged)
+            q = templates[name][0].format(x=w) if len(templates[name]) == 1 else self.rng.choice(templates[name]).format(x=w)
             result = {"word": w, "length": len(w)}
             answer = f"The word {w} has {len(w)} letters."
             think2 = f"The tool says {len(w)}."
             head, tail = f"Word: {w}.", f"I should call word_length for {w}."
+            wants = f"The user wants the letters of the word {w}."
         if hops:  # every copy of the argument within a few tokens of the one before it
-            think1 = head + " " + tail if effort == "low" else f"{head} The user asks: {q} There is a tool for this. {tail}"
+            think1 = head + " " + tail if effort == "low" else f"{head} {wants} There is a tool for this. {tail}"
         else:
             think1 = f"I should call {name}."
             if effort != "low":
