@@ -139,19 +139,6 @@ def diagnose(session, questions: list[dict]) -> dict:
     return out
 
 
-def generated_questions(n: int, seed: int = 12345) -> list[dict]:
-    """Tool questions from build_data's generator, for a model whose heldout.json has none (nano v2)."""
-    import random
-
-    synth = build_data.Synth(random.Random(seed), "test", build_data.heldout_sums(0))
-    out = []
-    for _ in range(n):
-        c = synth.tool()
-        out.append({"question": c["messages"][0]["content"], "tools": c["tools"], "tool": c["tool"],
-                    "arguments": c["arguments"], "effort": c["effort"]})
-    return out
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=pathlib.Path, default=None, help="a checkpoint folder (default: nano, bf16)")
@@ -163,8 +150,7 @@ def main(argv=None):
     from workbench.fixtures.nano import heldout, nano_path
 
     session = wb.load(str(args.model or nano_path("bf16")), preset="bf16")
-    questions = heldout().get("tool_questions") or generated_questions(args.n)
-    questions = questions[:args.n]
+    questions = heldout()["tool_questions"][:args.n]
     result = {"model": str(args.model or "nano (shipped)"), "tools": diagnose(session, questions),
               "vocabulary": vocabulary_collapse(session)}
     text = json.dumps(result, indent=1)

@@ -50,8 +50,8 @@ MIX = {"prose": 0.07, "code": 0.07, "arith": 0.40, "dates": 0.08, "lists": 0.08,
 # no attention head looked at the question's argument from the call (multiply's digits had one), and the output rows
 # of the 36 argument words had collapsed together (spread 0.3 against 1.0-1.5). At 18-35% of the batch the copy
 # never formed (three retrains and two fine-tunes, scripts/nano/README.md); with tool conversations as the whole
-# batch it formed within 750 steps. So phase 2 trains on tool calls alone, and phase 3 brings the other kinds back
-# (tool calls kept at 30%) so that nothing phase 1 learned is lost.
+# batch it formed within 750 steps. So phase 2 trains on tool calls alone (`tool_hops`, in four or five phrasings per
+# tool), and phase 3 brings the other kinds back (tool calls kept at 30%) so that nothing phase 1 learned is lost.
 TOOLS_MIX = {"tool_hops": 1.0}
 REMIX = {"prose": 0.06, "code": 0.06, "arith": 0.34, "dates": 0.07, "lists": 0.07, "facts": 0.10, "tool_hops": 0.30}
 PHASES = (
@@ -398,6 +398,11 @@ def export_heldout(build: pathlib.Path, fixture_dir: pathlib.Path, test_rows: li
         else:
             texts[kind] = docs[:4]
     trained, unseen = build_data.FACT_TEMPLATES_TRAIN[0], build_data.FACT_TEMPLATE_TEST
+
+    def shipped(q: dict) -> dict:  # a tool question as tests and notebooks ask it with call_tools
+        return {"question": q["prompt"][0]["content"], "tools": q["tools"], "tool": q["tool"],
+                "arguments": q["arguments"], "effort": q["effort"]}
+
     data = {"seed": held["seed"], "heldout_sums": held["heldout_sums"],
             "arith_questions": [f"What is {a} + {b}?" for a, b in held["heldout_sums"]],
             # Capitals are facts the model learned (every country is in training); these are the trained phrasing
@@ -407,13 +412,9 @@ def export_heldout(build: pathlib.Path, fixture_dir: pathlib.Path, test_rows: li
                                                   for c, a in build_data.CAPITALS],
             "texts": texts,
             # Tool questions with their tools and expected calls (tests and notebooks ask them with call_tools).
-            "tool_questions": [{"question": q["prompt"][0]["content"], "tools": q["tools"], "tool": q["tool"],
-                                "arguments": q["arguments"], "effort": q["effort"]}
-                               for q in held["questions"] if q["kind"] == "tool"],
+            "tool_questions": [shipped(q) for q in held["questions"] if q["kind"] == "tool"],
             # The same, in phrasings no training conversation uses (build_data.TOOL_TEMPLATES_UNSEEN).
-            "tool_questions_unseen_phrasing": [{"question": q["prompt"][0]["content"], "tools": q["tools"],
-                                                "tool": q["tool"], "arguments": q["arguments"], "effort": q["effort"]}
-                                               for q in build_data.unseen_tool_questions(held["seed"])]}
+            "tool_questions_unseen_phrasing": [shipped(q) for q in build_data.unseen_tool_questions(held["seed"])]}
     (fixture_dir / "heldout.json").write_text(json.dumps(data, indent=0) + "\n")
 
 
