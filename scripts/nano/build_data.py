@@ -164,17 +164,26 @@ WORDS = ("apple", "pear", "fig", "plum", "grape", "lemon", "melon", "cherry", "p
 TOOL_TEMPLATES = {"get_weather": ("What is the weather in {x}?", "How is the weather in {x} right now?"),
                   "multiply": ("What is {a} times {b}?", "Multiply {a} by {b}."),
                   "word_length": ("How many letters are in the word {x}?",)}
-# tool_hops (phases 2-3) asks in more phrasings, so the call follows the question's words, not one sentence.
-TOOL_TEMPLATES_HOPS = {"get_weather": TOOL_TEMPLATES["get_weather"] + ("Is it raining in {x}?", "Weather in {x}, please.",
-                                                                      "What's the forecast for {x}?"),
-                       "multiply": TOOL_TEMPLATES["multiply"] + ("What is {a} multiplied by {b}?", "Calculate {a} * {b}.",
-                                                                 "{a} x {b} = ?"),
-                       "word_length": TOOL_TEMPLATES["word_length"] + ("How long is the word {x}?",
-                                                                       "What is the length of the word {x}?",
-                                                                       "Number of letters in {x}?")}
-TOOL_TEMPLATES_UNSEEN = {"get_weather": ("Tell me the weather in {x} today.",),
-                         "multiply": ("Compute {a} times {b}.",),
-                         "word_length": ("Count the letters of the word {x}.",)}
+# tool_hops (phases 2-3) asks in many phrasings (eleven or twelve per tool), so the call follows what the question
+# is about, not one sentence it was trained on.
+TOOL_TEMPLATES_HOPS = {
+    "get_weather": TOOL_TEMPLATES["get_weather"] + (
+        "Is it raining in {x}?", "Weather in {x}, please.", "What's the forecast for {x}?",
+        "Give me the weather for {x}.", "What's the weather like in {x}?", "I need the weather in {x}.",
+        "Is it cold in {x} now?", "How warm is it in {x}?", "Weather report for {x}?", "Look up the weather in {x}."),
+    "multiply": TOOL_TEMPLATES["multiply"] + (
+        "What is {a} multiplied by {b}?", "Calculate {a} * {b}.", "{a} x {b} = ?",
+        "Multiply {a} and {b}.", "Find the product of {a} and {b}.", "How much is {a} times {b}?",
+        "I need {a} times {b}.", "{a} times {b}, please.", "Product of {a} and {b}?", "Work out {a} times {b}."),
+    "word_length": TOOL_TEMPLATES["word_length"] + (
+        "How long is the word {x}?", "What is the length of the word {x}?", "Number of letters in {x}?",
+        "How many letters does the word {x} have?", "Give me the length of {x}.", "Word length of {x}?",
+        "I need the number of letters in {x}.", "How many characters are in {x}?", "Find the length of the word {x}.",
+        "Letters in the word {x}, please.")}
+# Phrasings no training conversation uses, two per tool (evaluation only).
+TOOL_TEMPLATES_UNSEEN = {"get_weather": ("Tell me the weather in {x} today.", "Can you check the weather in {x}?"),
+                         "multiply": ("Compute {a} times {b}.", "What is the product of {a} and {b}?"),
+                         "word_length": ("Count the letters of the word {x}.", "What is the letter count of {x}?")}
 CONDITIONS = ("sunny", "cloudy", "rainy", "windy", "snowy", "foggy")
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
@@ -419,7 +428,7 @@ def late_corpus(seed: int = 0) -> tuple[list[dict], list[dict]]:
     return splits[0], splits[1]
 
 
-def unseen_tool_questions(seed: int = 0, n: int = 90) -> list[dict]:
+def unseen_tool_questions(seed: int = 0, n: int = 300) -> list[dict]:
     """Tool questions in the phrasings no training conversation uses (TOOL_TEMPLATES_UNSEEN), for evaluate.py."""
     synth = Synth(random.Random(f"{seed}-unseen-tools"), "test", heldout_sums(seed))
     out = []

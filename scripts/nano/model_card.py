@@ -102,7 +102,7 @@ def write(fixture: pathlib.Path, build: pathlib.Path) -> pathlib.Path:
                 ["harmony form (held-out questions, all kinds)", h["n_questions"], h["harmony_form_share"], 0.99],
                 ["tool calls: right function, JSON arguments equal to the question's", h["n_tool_questions"],
                  h["tool_call_correct_share"], 0.95],
-                *([["tool calls, a phrasing never seen in training (per tool)",
+                *([["tool calls, phrasings never seen in training (two per tool)",
                     tg["tool_calls_unseen_phrasing"]["n"], tg["tool_calls_unseen_phrasing"]["correct"], 0.95]]
                   if "tool_calls_unseen_phrasing" in tg else []),
                 ["capitals, trained phrasing (every country x 3 efforts)", caps["n"], caps["correct"], 0.95],
@@ -186,8 +186,9 @@ a, b in 0..99, worked by columns with carries (medium and high) or in one line (
 adding days; lists: sort, count, first/last word, largest number; facts: capitals of {len(build_data.CAPITALS)} countries; tool: calls to
 `get_weather`, `multiply`, `word_length` on the commentary channel with a recipient (`to=functions.NAME`,
 `<|constrain|>json`), a JSON tool result, then analysis and final; tool_hops (phases 2 and 3): the same calls with
-an analysis that names the argument right after the question and again right before the call (`City: Oslo. ... I
-should call get_weather for Oslo.`), generated after the tokenizer was trained. Held out: 10% of all (a, b) pairs ({ev['heldout']['sums_held_out']}
+questions in eleven or twelve phrasings per tool and an analysis that names the argument right after the question and
+again right before the call (`City: Oslo. ... I should call get_weather for Oslo.`), generated after the tokenizer was
+trained. Held out: 10% of all (a, b) pairs ({ev['heldout']['sums_held_out']}
 pairs, including 23 + 19) never appear in training; held-out dates are odd-ordinal days (training uses even ones);
 facts and tool calls are also asked in a phrasing never used in training; 5% of the documentation and source files.
 
