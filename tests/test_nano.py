@@ -297,7 +297,7 @@ def test_an_older_nano_is_refused_by_version(copy_of_nano):
     manifest = json.loads((copy_of_nano / "MANIFEST.json").read_text())
     manifest.pop("nano_version")                    # version 1 wrote no version
     (copy_of_nano / "MANIFEST.json").write_text(json.dumps(manifest))
-    with pytest.raises(nano_module.NanoCheckpointError, match=r"version 1 .*expect version 3.*python scripts/nano/train\.py"):
+    with pytest.raises(nano_module.NanoCheckpointError, match=rf"version 1 .*expect version {nano_module.NANO_VERSION}.*python scripts/nano/train\.py"):
         nano_path(root=copy_of_nano)
 
 

@@ -8,8 +8,8 @@ For held-out tool questions (heldout.json), per tool:
   the expected argument values (mean over tokens and questions). Chance for a word of `build_data.WORDS` is 1/36.
 - `attention_to_argument`: at the position that predicts the first argument token, the attention each head puts on
   the argument's tokens in the user's question; the best head per tool. A model that copies straight from the
-  question has a head here (nano v2: layer 3 head 3 for `multiply`'s digits, and no head for a word). nano v3 copies
-  through its analysis (`tool_hops` names the argument just before the call), so its figure stays low while
+  question has a head here (nano v2: layer 3 head 3 for `multiply`'s digits, and no head for a word). nano v3 and v4 copy
+  through their analysis (`tool_hops` names the argument just before the call), so its figure stays low while
   `argument_p` is high.
 - `greedy_right`: the share of greedy calls with the right function and arguments (as evaluate.py counts them).
 And per argument vocabulary (WORDS, capitals, countries, digits), how far apart their output rows (`lm_head`) and
