@@ -140,7 +140,7 @@ def write(fixture: pathlib.Path, build: pathlib.Path) -> pathlib.Path:
     text = f"""# gpt-oss-nano
 
 A trained gpt-oss small enough for two CPU cores: `GptOssForCausalLM` with gpt-oss's exact architecture, scaled
-down, trained on this machine by `python scripts/nano/train.py` (seed {tr['seed']}). It speaks harmony, routes
+down, trained on this machine by `python scripts/nano/train.py{' --autocast' if tr.get('autocast_bf16') else ''}` (seed {tr['seed']}). It speaks harmony, routes
 tokens to experts that it learned to use, and ships in two layouts: `bf16/` (bf16 safetensors) and `mxfp4/`
 (experts in the openai/gpt-oss-20b MXFP4 layout: `*_blocks`/`*_scales` + `quantization_config`).
 
@@ -261,7 +261,7 @@ overall 10th percentile: {_pct(mx['share_of_flips_with_margin_below_p10_of_all']
 {TOOL_NOTE}It is untested beyond {tr['seq_len']} tokens of context and knows only the three tools it was trained on; its prose
 and code have the right surface statistics and little else (held-out loss above).
 
-Rebuild everything (corpus, tokenizer, training, both layouts, evaluation, this card): `python scripts/nano/train.py`.
+Rebuild everything (corpus, tokenizer, training, both layouts, evaluation, this card): `python scripts/nano/train.py{' --autocast' if tr.get('autocast_bf16') else ''}`.
 """
     path = fixture / "MODEL_CARD.md"
     path.write_text(text)
