@@ -120,6 +120,68 @@ def test_one_thread_gives_the_same_bits_as_several():
     assert torch.equal(one, several)
 
 
+
+# Every path of the kernel on fixed inputs: experts of 1, 2, 5 and 12 rows (each side-by-side width, a chunk of
+# 8 and its rest), 37 output rows (tails of every width), and every byte under every scale through dequantize_into.
+CROSS_ISA = r"""
+import sys
+import torch
+from workbench.model import mxfp4_kernel
+
+def outputs():
+    ops = mxfp4_kernel.kernel()
+    assert ops is not None, mxfp4_kernel.status()[1]
+    g = torch.Generator().manual_seed(3)
+    blocks = torch.randint(0, 256, (4, 37, 5, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(100, 140, (4, 37, 5), dtype=torch.uint8, generator=g)
+    x = torch.randn(20, 160, generator=g).bfloat16().float()
+    lut = mxfp4_kernel.lut()
+    every = torch.arange(256 * 256).remainder(256).to(torch.uint8).view(256, 16, 16)
+    every_scale = torch.arange(256, dtype=torch.uint8).view(256, 1).expand(256, 16).contiguous()
+    out = {"variant": ops.variant(), "matvec": ops.grouped_matvec(x, blocks, scales, lut, [1, 2, 5, 12], 12)}
+    for dtype in (torch.float32, torch.bfloat16):
+        out[str(dtype)] = torch.empty(256, 512, dtype=dtype)
+        ops.dequantize_into(every, every_scale, lut, out[str(dtype)])
+    return out
+
+if __name__ == "__main__":
+    torch.save(outputs(), sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_every_instruction_set_gives_the_same_bits(isa, tmp_path):
+    """The kernel built for a lower instruction set (WORKBENCH_MXFP4_KERNEL=avx2 / generic, in a process of its own:
+    one build per process) gives bit for bit what this CPU's build gives: the order of the sums is fixed."""
+    import os
+    import subprocess
+    import sys
+
+    ops()
+    script = tmp_path / "cross_isa.py"
+    script.write_text(CROSS_ISA)
+    namespace = {}
+    exec(compile(CROSS_ISA, str(script), "exec"), namespace)
+    here = namespace["outputs"]()
+    env = dict(os.environ, WORKBENCH_MXFP4_KERNEL=isa, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "out.pt")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    there = torch.load(tmp_path / "out.pt")
+    expected = {"avx2": ("avx2",) if "avx2" in mxfp4_kernel.cpu_flags() else ("generic",), "generic": ("generic",)}
+    assert there["variant"] in expected[isa], (there["variant"], here["variant"])
+    assert torch.equal(there["matvec"].view(torch.int32), here["matvec"].view(torch.int32))
+    assert torch.equal(there["torch.float32"].view(torch.int32), here["torch.float32"].view(torch.int32))  # NaN, inf
+    assert torch.equal(there["torch.bfloat16"].view(torch.int16), here["torch.bfloat16"].view(torch.int16))
+
+
+def test_an_unknown_kernel_setting_is_named(monkeypatch):
+    monkeypatch.setenv(ENV, "avx9")
+    ok, why = mxfp4_kernel.status(build=False)
+    assert not ok and "WORKBENCH_MXFP4_KERNEL=avx9 is not a setting" in why
+    assert "is not a setting" in mxfp4_kernel._load.__wrapped__()[1]
+
 # ---- the model on the fast path ------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["tiny", "nano"])
 def test_fast_path_routes_like_the_plain_path(name, monkeypatch):

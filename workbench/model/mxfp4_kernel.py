@@ -26,8 +26,9 @@ How close to the plain path, and why (the bound the tests check):
   most 2 * gamma(K) * sum_i |w_i x_i|, gamma(K) = K u / (1 - K u), u = 2^-24 (Higham, Accuracy and Stability
   of Numerical Algorithms, 2nd ed., 4.2): `error_bound` below. Both paths then round to the model's dtype, so
   an output may land one bf16 step apart where the float32 values straddle a rounding boundary.
-- The kernel's order is fixed (32 lanes over the blocks, then one reduction tree): the same result with any
-  thread count and with or without AVX-512.
+- The kernel's order is fixed (32 lanes over the blocks, then one reduction tree): the same bits with any
+  thread count and instruction set. It is built for the CPU's own (-march=native): AVX-512, else AVX2, else
+  plain C++; `WORKBENCH_MXFP4_KERNEL=avx2` or `=generic` builds a lower one (tests compare all three).
 - bf16 GEMM (prefill, bf16 activations only): the same exact products, float32 accumulation in oneDNN, the
   output rounded once to bf16, as the plain path rounds its float32 output. oneDNN's bf16 instructions flush
   subnormal inputs to zero (values below 2^-126, which trained weights and activations do not reach).
@@ -47,7 +48,10 @@ from typing import Any
 
 import torch
 
-ENV = "WORKBENCH_MXFP4_KERNEL"  # "0" (or off/false/no): never use the kernel
+ENV = "WORKBENCH_MXFP4_KERNEL"  # "0" (or off/false/no): never use the kernel; "avx2"/"generic": build a lower ISA
+OFF = ("0", "off", "false", "no")
+ON = ("", "1", "on", "true", "yes", "native")
+ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"], "generic": ["-mno-avx512f", "-mno-avx2"]}
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "mxfp4_kernel.cpp"
 # Rows an expert at or below which the direct kernel beats dequantize + GEMM (measured on gpt-oss-20b's shapes,
 # benchmarks/bench_mxfp4_kernel.py --crossover).
@@ -75,8 +79,18 @@ def bf16_gemm() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def _setting() -> str:
+    return os.environ.get(ENV, "").strip().lower()
+
+
 def forced_off() -> bool:
-    return os.environ.get(ENV, "").strip().lower() in ("0", "off", "false", "no")
+    return _setting() in OFF
+
+
+def requested_isa() -> str | None:
+    """The instruction set to build for: "native" (-march=native), "avx2", "generic"; None for a value not known."""
+    value = _setting()
+    return "native" if value in ON else value if value in ISA_FLAGS else None
 
 
 def ext_dir() -> pathlib.Path:
@@ -94,14 +108,19 @@ def build_key() -> str:
     compiler = _compiler()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout if compiler else ""
     parts = [SOURCE.read_bytes(), " ".join(sorted(cpu_flags())).encode(), version.encode(), torch.__version__.encode(),
-             sys.version.encode(), platform.machine().encode()]
+             sys.version.encode(), platform.machine().encode(), " ".join(ISA_FLAGS[requested_isa() or "native"]).encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
 # ---- building ------------------------------------------------------------------------------------------
 @functools.cache
 def _load() -> tuple[Any, str]:
-    """(torch.ops namespace, variant) or (None, why not). Built once per process, cached on disk."""
+    """(torch.ops namespace, variant) or (None, why not). Built once per process (for the instruction set the
+    environment asks at that moment), cached on disk."""
+    isa = requested_isa()
+    if isa is None:
+        return None, (f"{ENV}={os.environ[ENV]} is not a setting: 0 turns the kernel off, avx2 or generic builds it "
+                      f"for a lower instruction set, unset builds it for this CPU")
     if _compiler() is None:
         return None, f"no C++ compiler ({os.environ.get('CXX', 'c++')} not found; e.g. apt-get install g++)"
     if shutil.which("ninja") is None:  # torch's builder runs ninja: take the PyPI package's binary if installed
@@ -118,7 +137,7 @@ def _load() -> tuple[Any, str]:
         folder = ext_dir() / name
         folder.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False,
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           extra_cflags=["-O3", "-march=native", *ISA_FLAGS[isa], "-fopenmp"], extra_ldflags=["-fopenmp"],
                            verbose=False)
         ops = torch.ops.workbench_mxfp4
         variant = ops.variant()
@@ -169,6 +188,8 @@ def status(device: str = "cpu", cache: bool = False, build: bool = True) -> tupl
         return False, "plain torch (the C++ kernel is for the CPU)"
     if forced_off():
         return False, f"plain torch ({ENV}={os.environ[ENV]} turns the C++ kernel off)"
+    if requested_isa() is None:
+        return False, f"plain torch ({ENV}={os.environ[ENV]} is not a setting: 0, avx2, generic or unset)"
     if cache:
         return False, ("plain torch (an expert cache is set: it holds float32 matrices for the plain path, while the "
                        "kernel reads the 4.25-bit packed bytes directly; drop expert_cache= to use the kernel)")
