@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-ENV = "WORKBENCH_MXFP4_KERNEL"  # "0" (or off/false/no): never use the kernel; "avx2"/"generic": build a lower ISA
+ENV = "WORKBENCH_MXFP4_KERNEL"  # "0" (or off/false/no): never use the kernel; "avx2"/"generic": a lower x86 ISA
 OFF = ("0", "off", "false", "no")
 ON = ("", "1", "on", "true", "yes", "native")
 ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"], "generic": ["-mno-avx512f", "-mno-avx2"]}
