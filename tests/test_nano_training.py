@@ -1,6 +1,7 @@
 """gpt-oss-nano's training script: an interrupted run continues bit-exactly with --resume, the checkpoint survives
-the interrupt, and a checkpoint of another configuration is refused. A tiny gpt-oss on synthetic token streams
-stands in for nano, so this runs in seconds; the code under test is scripts/nano/train.py itself."""
+the interrupt, and a checkpoint of another configuration (or of other late data) is refused. A tiny gpt-oss on
+synthetic token streams stands in for nano, so this runs in seconds; the code under test is scripts/nano/train.py
+itself."""
 import importlib.util
 import json
 import pathlib
@@ -94,3 +95,21 @@ def test_resume_from_another_configuration_is_refused(train_script, tmp_path):
     other["arch"]["num_local_experts"] = 8
     with pytest.raises(SystemExit, match=r"--resume refused: .*another configuration .*arch.*Start afresh"):
         train_script.check_fingerprint(saved, other, tmp_path / "train_state.pt")
+
+
+def test_late_data_from_another_generator_is_regenerated_and_not_resumed(train_script, monkeypatch):
+    """The late kinds (tool_hops) are generated after the tokenizer and cached in the build folder's tokens.pt:
+    their fingerprint follows the generator (here: its phrasings), so train.py regenerates a stale cache, and a
+    phase-2 checkpoint trained on the old data is refused rather than continued on the new."""
+    import build_data
+
+    before = build_data.late_fingerprint(0)
+    assert build_data.late_fingerprint(0) == before
+    monkeypatch.setitem(build_data.TOOL_TEMPLATES_HOPS, "get_weather", ("Weather in {x}?",))
+    after = build_data.late_fingerprint(0)
+    assert after != before
+    phase = {"name": "phase2", "steps": 4, "lr": 1e-3, "warmup": 2, "final_lr_frac": 0.1, "mix": {"tool_hops": 1.0}}
+    saved = train_script.run_fingerprint(tiny_config(), phase, 2, 16, 0, late_data=before)
+    with pytest.raises(SystemExit, match=r"--resume refused: .*late_data: checkpoint '[0-9a-f]+', this run '[0-9a-f]+'"):
+        train_script.check_fingerprint(saved, train_script.run_fingerprint(tiny_config(), phase, 2, 16, 0,
+                                                                           late_data=after), pathlib.Path("x.pt"))

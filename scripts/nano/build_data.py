@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import html.parser
 import json
 import os
@@ -411,11 +412,12 @@ N_LATE_TRAIN = {"tool_hops": 16000}
 N_LATE_TEST = {"tool_hops": 100}
 
 
-def late_corpus(seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Train and test rows ({"kind", "text"}) of the late kinds, seeded."""
+def late_corpus(seed: int = 0, splits: tuple[str, ...] = ("train", "test")) -> tuple[list[dict], ...]:
+    """Rows ({"kind", "text"}) of the late kinds for each split, seeded."""
     tokenizer = rendering_tokenizer()
-    splits = []
-    for split, counts in (("train", N_LATE_TRAIN), ("test", N_LATE_TEST)):
+    out = []
+    for split in splits:
+        counts = N_LATE_TRAIN if split == "train" else N_LATE_TEST
         rng = random.Random(f"{seed}-late-{split}")
         synth = Synth(rng, split, heldout_sums(seed))
         rows = []
@@ -424,8 +426,16 @@ def late_corpus(seed: int = 0) -> tuple[list[dict], list[dict]]:
                 conv = getattr(synth, kind)()
                 date = DATE_LO + datetime.timedelta(days=rng.randrange(2400))
                 rows.append({"kind": kind, "text": render_text(tokenizer, conv, date)})
-        splits.append(rows)
-    return splits[0], splits[1]
+        out.append(rows)
+    return tuple(out)
+
+
+def late_fingerprint(seed: int = 0) -> str:
+    """What the late kinds' generator makes now (its test split and the split sizes, hashed): a build folder whose
+    token ids were made by another version (other phrasings, say) is regenerated, not trained on."""
+    (test,) = late_corpus(seed, ("test",))
+    payload = json.dumps([N_LATE_TRAIN, N_LATE_TEST, [r["text"] for r in test]])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def unseen_tool_questions(seed: int = 0, n: int = 300) -> list[dict]:

@@ -244,14 +244,18 @@ def lr_at(step: int, total: int, lr: float, warmup: int = WARMUP, final_frac: fl
     return lr * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def run_fingerprint(config, phase: dict, batch: int, seq_len: int, seed: int) -> dict:
-    """What a checkpoint must match to be resumed: the architecture, the phase's schedule and mix, the batch shape."""
+def run_fingerprint(config, phase: dict, batch: int, seq_len: int, seed: int, late_data: str | None = None) -> dict:
+    """What a checkpoint must match to be resumed: the architecture, the phase's schedule and mix, the batch shape,
+    and for a phase that trains on late kinds, the version of their data (`build_data.late_fingerprint`)."""
     arch = {k: v for k, v in config.to_dict().items()
             if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_local_experts",
                      "num_experts_per_tok", "num_attention_heads", "num_key_value_heads", "head_dim",
                      "sliding_window", "layer_types")}
-    return {"arch": arch, "phase": {k: phase[k] for k in sorted(phase)}, "batch": batch, "seq_len": seq_len,
-            "seed": seed}
+    out = {"arch": arch, "phase": {k: phase[k] for k in sorted(phase)}, "batch": batch, "seq_len": seq_len,
+           "seed": seed}
+    if late_data is not None:
+        out["late_data"] = late_data
+    return out
 
 
 def check_fingerprint(saved: dict | None, wanted: dict, path: pathlib.Path) -> None:
@@ -473,14 +477,19 @@ def main(argv=None):
         streams = {"train": tokenize_corpus(tokenizer, train_rows), "test": tokenize_corpus(tokenizer, test_rows)}
         torch.save(streams, ids_file)
         print(f"tokenized in {time.time() - t:.0f} s", flush=True)
-    late = [k for k in build_data.LATE_KINDS if any(k in ph["mix"] for ph in PHASES) and k not in streams["train"]]
+    late_fingerprint = build_data.late_fingerprint(args.seed)
+    stale = streams.get("late_fingerprint") != late_fingerprint  # made by another version of the generator
+    late = [k for k in build_data.LATE_KINDS if any(k in ph["mix"] for ph in PHASES)
+            and (k not in streams["train"] or stale)]
     if late:  # kinds of later phases, tokenized with the tokenizer phase 1 trained with
         t = time.time()
         late_train, late_test = build_data.late_corpus(args.seed)
         streams["train"].update(tokenize_corpus(tokenizer, late_train))
         streams["test"].update(tokenize_corpus(tokenizer, late_test))
+        streams["late_fingerprint"] = late_fingerprint
         torch.save(streams, ids_file)
-        print(f"late kinds {late} tokenized in {time.time() - t:.0f} s", flush=True)
+        print(f"late kinds {late} tokenized in {time.time() - t:.0f} s"
+              + (" (the build folder's were made by another version of build_data.py)" if stale else ""), flush=True)
     corpus_tokens = {k: len(v["ids"]) for k, v in streams["train"].items()}
     print("train tokens per kind:", corpus_tokens, flush=True)
 
@@ -510,7 +519,9 @@ def main(argv=None):
     for i, ph in enumerate(PHASES):
         steps = 4 if args.smoke else ph["steps"]
         saved = build / f"train_state_{ph['name']}.pt"
-        fingerprint = run_fingerprint(config, ph | {"steps": steps}, BATCH, SEQ_LEN, args.seed)
+        uses_late = any(k in ph["mix"] for k in build_data.LATE_KINDS)
+        fingerprint = run_fingerprint(config, ph | {"steps": steps}, BATCH, SEQ_LEN, args.seed,
+                                      late_fingerprint if uses_late else None)
         if args.resume and not args.smoke and saved.exists():
             state = torch.load(saved, weights_only=False)
             check_fingerprint(state.get("fingerprint"), fingerprint, saved)
