@@ -61,9 +61,7 @@ def write_model(folder: pathlib.Path, layers: int, tiny: bool = False) -> None:
 
     from workbench.fixtures import o200k
 
-    config = gpt_oss_config("20b", num_hidden_layers=layers,
-                            layer_types=(["sliding_attention", "full_attention"] * layers)[:layers],
-                            **(TINY if tiny else {}))
+    config = gpt_oss_config("20b", num_hidden_layers=layers, **(TINY if tiny else {}))
     write_random_mxfp4(config, folder, seed=0, tokenizer=False)
     tok = o200k.o200k_harmony_tokenizer()  # the real vocabulary, so llama.cpp's converter recognises it
     tok.save_pretrained(folder)

@@ -80,9 +80,7 @@ def main() -> None:
     try:
         layers = args.layers
         if not (folder / "model.safetensors.index.json").is_file():
-            write_random_mxfp4(gpt_oss_config("20b", num_hidden_layers=layers,
-                                              layer_types=(["sliding_attention", "full_attention"] * layers)[:layers]),
-                               folder, seed=0)
+            write_random_mxfp4(gpt_oss_config("20b", num_hidden_layers=layers), folder, seed=0)
         result["checkpoint_bytes"] = folder_bytes(folder)
         for r in range(args.rounds):
             order = SETTINGS[r % len(SETTINGS):] + SETTINGS[:r % len(SETTINGS)]

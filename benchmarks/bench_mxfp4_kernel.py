@@ -128,8 +128,7 @@ def main() -> None:
                     "prefill_tokens": args.prefill, "decode_steps": args.decode, "direct_max_rows": mxfp4_kernel.DIRECT_MAX_ROWS}
     try:
         layers = args.layers
-        config = gpt_oss_config("20b", num_hidden_layers=layers,
-                                layer_types=(["sliding_attention", "full_attention"] * layers)[:layers])
+        config = gpt_oss_config("20b", num_hidden_layers=layers)
         if not (folder / "model.safetensors.index.json").is_file():
             log(f"writing {folder}")
             write_random_mxfp4(config, folder, seed=0)

@@ -38,8 +38,11 @@ def gpt_oss_config(size: str = "20b", **overrides):
     from workbench.fixtures import build_tokenizer
 
     config = sources.known_config("openai/gpt-oss-20b")
-    for key, value in {**SIZES[size], **overrides}.items():
+    overrides = {**SIZES[size], **overrides}
+    for key, value in overrides.items():
         setattr(config, key, value)
+    if "layer_types" not in overrides:  # fewer layers: the first ones of gpt-oss-20b's sliding/full alternation
+        config.layer_types = list(config.layer_types)[:config.num_hidden_layers]
     if config.vocab_size < 201088:  # a small vocab: the fixture tokenizer's special ids
         tok = build_tokenizer(harmony=True)
         config.vocab_size = max(config.vocab_size, len(tok))

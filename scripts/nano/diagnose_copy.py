@@ -117,13 +117,12 @@ def diagnose(session, questions: list[dict]) -> dict:
                             if any(a < e and b > s for s, e in spans)]
             full = prompt + header + enc["input_ids"]
             first = len(prompt) + len(header)
-            with torch.no_grad():
-                probs = session.model(input_ids=torch.tensor([full])).logits[0].float().softmax(-1)
+            t = session.trace(full, what=["attention", "logits"])  # one forward: the logits and every pattern
+            probs = t["logits"].softmax(-1)
             row["argument_p"] += [float(probs[first + i - 1, full[first + i]]) for i in value_tokens]
             source = _question_positions(tok, prompt, q["arguments"])
             if not source or not value_tokens:
                 continue
-            t = session.trace(full, what="attention")
             at = first + value_tokens[0] - 1
             row["attention"].append({(layer, head): float(t.attention(layer, head)[at, source].sum())
                                      for layer in t.attention_layers for head in range(t.num_heads)})

@@ -52,7 +52,8 @@ MIX = {"prose": 0.07, "code": 0.07, "arith": 0.40, "dates": 0.08, "lists": 0.08,
 # of the 36 argument words had collapsed together (spread 0.3 against 1.0-1.5). At 18-35% of the batch the copy
 # never formed (three retrains and two fine-tunes, scripts/nano/README.md); with tool conversations as the whole
 # batch it formed within 750 steps. So phase 2 trains on tool calls alone (`tool_hops`, in eleven or twelve phrasings
-# per tool: with four or five, 89% of questions in unseen phrasings were right; with these, 99.7%), and phase 3 brings the other kinds back (tool calls kept at 30%) so that nothing phase 1 learned is lost.
+# per tool: with four or five, 89% of questions in unseen phrasings were right; with these, 99.7%), and phase 3
+# brings the other kinds back (tool calls kept at 30%) so that nothing phase 1 learned is lost.
 TOOLS_MIX = {"tool_hops": 1.0}
 REMIX = {"prose": 0.06, "code": 0.06, "arith": 0.34, "dates": 0.07, "lists": 0.07, "facts": 0.10, "tool_hops": 0.30}
 PHASES = (

@@ -93,6 +93,11 @@ def requested_isa() -> str | None:
     return "native" if value in ON else value if value in ISA_FLAGS else None
 
 
+def _unknown_setting() -> str:
+    return (f"{ENV}={os.environ[ENV]} is not a setting: 0 turns the kernel off, avx2 or generic builds it for a lower "
+            f"instruction set, unset builds it for this CPU")
+
+
 def ext_dir() -> pathlib.Path:
     from workbench.model.cache import default_cache_dir
 
@@ -119,8 +124,7 @@ def _load() -> tuple[Any, str]:
     environment asks at that moment), cached on disk."""
     isa = requested_isa()
     if isa is None:
-        return None, (f"{ENV}={os.environ[ENV]} is not a setting: 0 turns the kernel off, avx2 or generic builds it "
-                      f"for a lower instruction set, unset builds it for this CPU")
+        return None, _unknown_setting()
     if _compiler() is None:
         return None, f"no C++ compiler ({os.environ.get('CXX', 'c++')} not found; e.g. apt-get install g++)"
     if shutil.which("ninja") is None:  # torch's builder runs ninja: take the PyPI package's binary if installed
@@ -189,7 +193,7 @@ def status(device: str = "cpu", cache: bool = False, build: bool = True) -> tupl
     if forced_off():
         return False, f"plain torch ({ENV}={os.environ[ENV]} turns the C++ kernel off)"
     if requested_isa() is None:
-        return False, f"plain torch ({ENV}={os.environ[ENV]} is not a setting: 0, avx2, generic or unset)"
+        return False, f"plain torch ({_unknown_setting()})"
     if cache:
         return False, ("plain torch (an expert cache is set: it holds float32 matrices for the plain path, while the "
                        "kernel reads the 4.25-bit packed bytes directly; drop expert_cache= to use the kernel)")
